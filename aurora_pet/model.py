@@ -1,0 +1,299 @@
+"""`AuroraModel`: finds the targets, injects the shared factors and fusion sites, merges, saves, loads.
+
+The base model stays untouched in structure: its modules keep their classes and every parameter keeps
+its name, so `model.base_model.state_dict()` has the same keys before and after wrapping. The adapter's
+own parameters live beside it, in this wrapper (`aurora_factors`, `aurora_fusion`), never inside base
+modules: LAVIS's momentum update zips the parameters of paired modules by position, and extra
+parameters inside them would break that pairing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import re
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import checkpoint
+from .config import AuroraConfig
+from .errors import AuroraConfigError, MergeError, TargetError
+from .factors import ModeFactors
+from .fusion import FusionSite, cross_attention_io
+from .layer import AuroraLinear
+from .presets import PRESETS
+
+
+class AuroraModel(nn.Module):
+    """A base model with a mode-approximation adapter; calls and attributes pass through to the base."""
+
+    def __init__(self, model: nn.Module, config: AuroraConfig) -> None:
+        super().__init__()
+        if isinstance(model, AuroraModel):
+            raise TypeError("the model is already an AuroraModel")
+        config.validate()
+        self.base_model = model
+        self.config = config
+        self.adapter_enabled = True
+        self.merged = False
+        targets = find_targets(model, config)
+        self.slice_size = infer_slice_size(targets, config)
+        self.layers: dict[str, AuroraLinear] = {}
+        first = 0
+        for name, module in targets:
+            self.layers[name] = AuroraLinear(name, module, first, self.slice_size, self)
+            first += self.layers[name].num_slices
+        self.aurora_factors = ModeFactors(self.slice_size, first, config.rank, config.core, config.init_seed)
+        self.aurora_dropout = nn.Dropout(config.dropout)
+        self.fusion_sites = find_fusion_sites(model, config)
+        self.aurora_fusion = nn.ModuleDict({
+            _site_key(name): FusionSite(self.slice_size, config.ice, config.gqt) for name in self.fusion_sites})
+        self.heads = find_modules_to_save(model, config.modules_to_save)
+        self._hooks = []
+        self._freeze_base()
+        self._install()
+
+    # -- structure -------------------------------------------------------------------------------
+    @property
+    def adapter_active(self) -> bool:
+        """Whether the unmerged update is added in forward (off when disabled or already merged)."""
+        return self.adapter_enabled and not self.merged
+
+    @property
+    def num_slices(self) -> int:
+        return self.aurora_factors.num_slices
+
+    def _freeze_base(self) -> None:
+        for parameter in self.base_model.parameters():
+            parameter.requires_grad_(False)
+        for module in self.heads.values():
+            for parameter in module.parameters():
+                parameter.requires_grad_(True)
+
+    def _install(self) -> None:
+        for layer in self.layers.values():
+            layer.install()
+        modules = dict(self.base_model.named_modules())
+        for name in self.fusion_sites:
+            self._hooks.append(modules[name].register_forward_hook(self._fusion_hook(name), with_kwargs=True))
+
+    def _fusion_hook(self, name: str):
+        site_key = _site_key(name)
+
+        def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+            if not self.adapter_enabled:
+                return output
+            text, mask = cross_attention_io(args, kwargs)
+            site = self.aurora_fusion[site_key]
+            if isinstance(output, torch.Tensor):
+                return site(output, text, mask)
+            return (site(output[0], text, mask),) + tuple(output[1:])
+
+        return hook
+
+    def _remove(self) -> None:
+        for layer in self.layers.values():
+            layer.remove()
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks.clear()
+
+    # -- pass-through ----------------------------------------------------------------------------
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.base_model(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_model":
+                raise
+            return getattr(self.base_model, name)
+
+    # -- the update ------------------------------------------------------------------------------
+    def delta_weight(self, name: str) -> torch.Tensor:
+        """s·ΔW of one target module (all its slices), shape (d_out, d_in)."""
+        return self._layer(name).delta_weight()
+
+    get_delta_weight = delta_weight
+
+    def _layer(self, name: str) -> AuroraLinear:
+        if name not in self.layers:
+            close = difflib.get_close_matches(name, self.layers, 3)
+            raise KeyError(f"{name!r} is not an adapted module" + (f"; did you mean {close}?" if close else ""))
+        return self.layers[name]
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """W ← W + s·ΔW for every target (TensorLy reconstruction); forward then adds nothing."""
+        if self.merged:
+            raise MergeError("the adapter is already merged; call unmerge() before merging again")
+        for layer in self.layers.values():
+            layer.module.weight += layer.reference_delta_weight().to(layer.module.weight.dtype)
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if not self.merged:
+            raise MergeError("the adapter is not merged; nothing to unmerge")
+        for layer in self.layers.values():
+            layer.module.weight -= layer.reference_delta_weight().to(layer.module.weight.dtype)
+        self.merged = False
+
+    def merge_and_unload(self) -> nn.Module:
+        """The plain base model (same classes and parameter names) with the update in its weights."""
+        if self.fusion_sites:
+            raise MergeError(
+                f"ICE/GQT at {len(self.fusion_sites)} cross-attention sites are not weight updates and cannot "
+                "be merged into a plain model; use merge() to fold the factors in and keep ICE/GQT running, "
+                "or train with ice=False, gqt=False")
+        if not self.merged:
+            self.merge()
+        return self.unload()
+
+    def unload(self) -> nn.Module:
+        """The base model with every adapter hook removed (weights as they are now)."""
+        self._remove()
+        return self.base_model
+
+    @contextlib.contextmanager
+    def disable_adapter(self) -> Iterator[None]:
+        """Base-model behaviour inside the block: no factor update, no ICE/GQT (heads stay trained)."""
+        was_merged = self.merged
+        if was_merged:
+            self.unmerge()
+        self.adapter_enabled = False
+        try:
+            yield
+        finally:
+            self.adapter_enabled = True
+            if was_merged:
+                self.merge()
+
+    # -- reporting -------------------------------------------------------------------------------
+    def parameter_report(self, base_exclude: Sequence[str] = ()) -> dict[str, Any]:
+        from .report import parameter_report
+
+        return parameter_report(self, base_exclude)
+
+    def print_trainable_parameters(self, base_exclude: Sequence[str] = ()) -> None:
+        from .report import format_report
+
+        print(format_report(self.parameter_report(base_exclude)))
+
+    def layout(self) -> dict[str, Any]:
+        """What an adapter file must agree with: d, the targets and their slices, the fusion sites."""
+        return {"slice_size": self.slice_size,
+                "targets": [[n, l.module.out_features, l.module.in_features, l.first_slice]
+                            for n, l in self.layers.items()],
+                "fusion_sites": list(self.fusion_sites)}
+
+    # -- persistence -----------------------------------------------------------------------------
+    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
+        """Only what training changed: factors, ICE/GQT, and the heads in `modules_to_save`."""
+        state = {f"factors.{k}": v for k, v in self.aurora_factors.state_dict().items()}
+        state.update({f"fusion.{k}": v for k, v in self.aurora_fusion.state_dict().items()})
+        for head_name, module in self.heads.items():
+            state.update({f"heads.{head_name}.{k}": v for k, v in module.state_dict().items()})
+        return state
+
+    def save_pretrained(self, path: str | Path) -> Path:
+        """Write adapter_config.json and adapter_model.safetensors (adapter only) into `path`."""
+        return checkpoint.save_adapter(path, self.config, self.adapter_state_dict(), self.layout())
+
+    def load_adapter(self, path: str | Path) -> None:
+        """Load adapter weights saved by `save_pretrained`; everything is checked before anything is copied."""
+        tensors = checkpoint.load_adapter_tensors(path, self.layout(), self.adapter_state_dict())
+        with torch.no_grad():
+            for key, target in self.adapter_state_dict().items():
+                target.copy_(tensors[key])
+
+    @classmethod
+    def from_pretrained(cls, model: nn.Module, path: str | Path, **overrides: Any) -> "AuroraModel":
+        config = checkpoint.load_adapter_config(path)
+        if overrides:
+            config = AuroraConfig(**{**config.to_dict(), **overrides})
+        aurora = cls(model, config)
+        aurora.load_adapter(path)
+        return aurora
+
+
+def get_aurora_model(model: nn.Module, config: AuroraConfig) -> AuroraModel:
+    """Wrap `model`: freeze it, inject the shared factors (and ICE/GQT), train heads in `modules_to_save`."""
+    return AuroraModel(model, config)
+
+
+def find_targets(model: nn.Module, config: AuroraConfig) -> list[tuple[str, nn.Linear]]:
+    """The `nn.Linear` modules matched by `config.target_modules`, in `named_modules` order."""
+    spec = config.target_modules
+    if isinstance(spec, str) and spec in PRESETS:
+        PRESETS[spec].check_architecture(model)
+        spec = PRESETS[spec].target_modules
+    linears = [(name, module) for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+    if isinstance(spec, str):
+        pattern = re.compile(spec)
+        matched = [(n, m) for n, m in linears if pattern.fullmatch(n)]
+    else:
+        matched = [(n, m) for n, m in linears if any(_has_suffix(n, s) for s in spec)]
+    if not matched:
+        names = [n for n, _ in linears]
+        probes = [spec] if isinstance(spec, str) else spec
+        close = sorted({c for p in probes for c in difflib.get_close_matches(p, names, 5, cutoff=0.3)})
+        raise TargetError(
+            f"target_modules {config.target_modules!r} matched no nn.Linear module (Aurora adapts nn.Linear "
+            f"only). Closest names: {close or names[:10]}")
+    return matched
+
+
+def infer_slice_size(targets: list[tuple[str, nn.Linear]], config: AuroraConfig) -> int:
+    """d: the configured slice size, else the smallest dimension among the targets."""
+    d = config.slice_size or min(min(m.in_features, m.out_features) for _, m in targets)
+    bad = [f"{n} ({m.out_features}×{m.in_features})" for n, m in targets
+           if m.out_features % d or m.in_features % d]
+    if bad:
+        raise TargetError(f"these targets cannot be cut into {d}×{d} slices (shape not a multiple of d={d}): "
+                          + ", ".join(bad[:10]) + (f" and {len(bad) - 10} more" if len(bad) > 10 else ""))
+    if config.rank > d:
+        raise AuroraConfigError(f"rank {config.rank} exceeds the slice size d={d}; choose 1 ≤ rank ≤ {d}")
+    return d
+
+
+def find_fusion_sites(model: nn.Module, config: AuroraConfig) -> list[str]:
+    """Names of the cross-attention modules that host ICE/GQT (none when both are off)."""
+    if not (config.ice or config.gqt):
+        return []
+    pattern = re.compile(config.fusion_modules) if config.fusion_modules else None
+    names = [n for n, _ in model.named_modules()
+             if (pattern.fullmatch(n) if pattern else n.rsplit(".", 1)[-1] == "crossattention")]
+    if not names:
+        raise TargetError(
+            "ice/gqt are on but the model has no fusion site (a BERT-style cross-attention module "
+            f"{'matching ' + repr(config.fusion_modules) if pattern else 'named *.crossattention'}); "
+            "set ice=False and gqt=False, or fusion_modules to a regex of cross-attention modules")
+    return names
+
+
+def find_modules_to_save(model: nn.Module, names: Sequence[str]) -> dict[str, nn.Module]:
+    """Modules trained in full, by name suffix; each configured name must match at least one module."""
+    modules = dict(model.named_modules())
+    found: dict[str, nn.Module] = {}
+    for suffix in names:
+        matches = {n: m for n, m in modules.items() if n and _has_suffix(n, suffix)}
+        if not matches:
+            close = difflib.get_close_matches(suffix, [n.rsplit(".", 1)[-1] for n in modules], 3)
+            raise TargetError(f"modules_to_save entry {suffix!r} matches no module"
+                              + (f"; did you mean {sorted(set(close))}?" if close else ""))
+        found.update(matches)
+    return found
+
+
+def _has_suffix(name: str, suffix: str) -> bool:
+    return name == suffix or name.endswith("." + suffix)
+
+
+def _site_key(name: str) -> str:
+    return name.replace(".", "__")

@@ -1,0 +1,239 @@
+import copy
+
+import pytest
+import torch
+
+from aurora_pet import AuroraConfig, AuroraConfigError, AuroraModel, MergeError, TargetError, get_aurora_model
+from aurora_pet.factors import num_factor_parameters
+
+from .toy import ToyModel, toy_inputs
+
+ALL = r"blocks\.\d+\.(qkv|proj|fc1|fc2|crossattention\.(query|key|value|dense))"
+
+
+def wrap(core="cp", seed=0, **overrides):
+    torch.manual_seed(seed)
+    base = ToyModel()
+    reference = copy.deepcopy(base)
+    fields = dict(rank=4, target_modules=ALL, core=core, dropout=0.0, modules_to_save=["head"])
+    return get_aurora_model(base, AuroraConfig(**{**fields, **overrides})), reference
+
+
+def perturb(model: AuroraModel) -> None:
+    """Random non-zero factors and fusion parameters: a stand-in for a trained adapter."""
+    generator = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for parameter in list(model.aurora_factors.parameters()) + list(model.aurora_fusion.parameters()):
+            parameter.copy_(0.3 * torch.randn(parameter.shape, generator=generator))
+
+
+def test_slicing_covers_square_fused_and_mlp_shapes():
+    model, _ = wrap()
+    slices = {name.split(".", 2)[-1]: layer.num_slices for name, layer in model.layers.items() if ".0." in name}
+    assert slices == {"qkv": 3, "proj": 1, "crossattention.query": 1, "crossattention.key": 1,
+                      "crossattention.value": 1, "crossattention.dense": 1, "fc1": 4, "fc2": 4}
+    firsts = [layer.first_slice for layer in model.layers.values()]
+    assert firsts == sorted(firsts) and model.num_slices == 32
+
+
+def test_base_parameter_names_are_unchanged_and_strict_loading_works():
+    torch.manual_seed(0)
+    base = ToyModel()
+    state = copy.deepcopy(base.state_dict())
+    model = get_aurora_model(base, AuroraConfig(rank=4, target_modules=ALL, ice=True, gqt=True))
+    assert list(model.base_model.state_dict()) == list(state)
+    model.base_model.load_state_dict(state, strict=True)
+    assert all(type(m).__name__ == "Linear" for n, m in model.base_model.named_modules() if n in model.layers)
+
+
+@pytest.mark.parametrize("core", ["cp", "tucker"])
+def test_output_equals_base_at_initialisation(core):
+    model, reference = wrap(core, ice=True, gqt=True, dropout=0.1)
+    inputs = toy_inputs()
+    for mode in ("train", "eval"):
+        getattr(model, mode)(), getattr(reference, mode)()
+        torch.testing.assert_close(model(*inputs), reference(*inputs), rtol=0, atol=0)
+
+
+def test_only_adapter_and_heads_require_grad():
+    model, _ = wrap(ice=True, gqt=True)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {n for n in trainable if n.startswith(("aurora_factors.", "aurora_fusion.", "base_model.head."))}
+    assert {"base_model.head.weight", "aurora_factors.U", "aurora_factors.V"} <= trainable
+    assert not any(p.requires_grad for n, p in model.base_model.named_parameters() if not n.startswith("head."))
+
+
+@pytest.mark.parametrize("core", ["cp", "tucker"])
+def test_every_adapter_parameter_learns_within_two_steps(core):
+    model, _ = wrap(core, ice=True, gqt=True, dropout=0.1)
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    optimizer = torch.optim.AdamW(trainable.values(), lr=1e-2)
+    x, image, mask = toy_inputs()
+    seen = set()
+    for _ in range(2):
+        optimizer.zero_grad()
+        model(x, image, mask).pow(2).mean().backward()
+        seen |= {n for n, p in trainable.items() if p.grad is not None and p.grad.abs().sum() > 0}
+        optimizer.step()
+    assert seen == set(trainable)
+    assert all(p.grad is None for n, p in model.base_model.named_parameters() if not n.startswith("head."))
+
+
+@pytest.mark.parametrize("core", ["cp", "tucker"])
+def test_factored_and_materialised_forward_agree(core):
+    model, _ = wrap(core)
+    perturb(model)
+    inputs = toy_inputs(tokens=9)
+    model.config.forward_mode = "factored"
+    factored = model(*inputs)
+    model.config.forward_mode = "materialised"
+    materialised = model(*inputs)
+    torch.testing.assert_close(factored, materialised, rtol=1e-5, atol=1e-5)
+    grads = []
+    for output in (factored, materialised):  # both paths give the same gradients too
+        model.zero_grad()
+        output.pow(2).sum().backward()
+        grads.append(model.aurora_factors.U.grad.clone())
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-5)
+    assert grads[0].abs().sum() > 0
+
+
+def test_auto_mode_picks_the_cheaper_path():
+    model, _ = wrap()
+    layer = model.layers["blocks.0.qkv"]  # d=16, R=4, 3 slices
+    few, many = torch.zeros(2, 16), torch.zeros(400, 16)
+    with torch.no_grad():
+        assert not layer._prefers_materialised(few)  # 2·4·16·4 = 512 < 3·256·4 = 3072
+        assert layer._prefers_materialised(many)  # 400·4·16·4 = 102400 > 3072
+    assert not layer._prefers_materialised(many)  # training adds ∂L/∂ΔW: 400·3·256 more
+
+
+def test_delta_weight_is_the_scaled_frontal_slices():
+    model, _ = wrap(scale=0.5)
+    perturb(model)
+    tensor = model.aurora_factors.to_tensor()  # (d, d, M)
+    layer = model.layers["blocks.1.fc2"]  # 16×64: one row block, four column blocks
+    delta = model.delta_weight("blocks.1.fc2")
+    assert delta.shape == (16, 64)
+    for j in range(4):
+        torch.testing.assert_close(delta[:, 16 * j:16 * (j + 1)], 0.5 * tensor[:, :, layer.first_slice + j])
+    fc1 = model.layers["blocks.1.fc1"]  # 64×16: four row blocks
+    torch.testing.assert_close(model.delta_weight("blocks.1.fc1")[32:48], 0.5 * tensor[:, :, fc1.first_slice + 2])
+    with pytest.raises(KeyError, match="blocks.1.fc1"):
+        model.delta_weight("blocks.1.fc_1")
+
+
+@pytest.mark.parametrize("core", ["cp", "tucker"])
+def test_merge_unmerge_and_unload(core):
+    model, _ = wrap(core)
+    perturb(model)
+    model.eval()
+    inputs = toy_inputs()
+    original = {n: p.detach().clone() for n, p in model.base_model.named_parameters()}
+    unmerged = model(*inputs)
+    model.merge()
+    merged = model(*inputs)
+    assert ((merged - unmerged).norm() / unmerged.norm()) < 1e-5
+    with pytest.raises(MergeError, match="already merged"):
+        model.merge()
+    model.unmerge()
+    for name, parameter in model.base_model.named_parameters():
+        assert (parameter - original[name]).abs().max() < 1e-6, name
+    with pytest.raises(MergeError, match="not merged"):
+        model.unmerge()
+    plain = model.merge_and_unload()
+    assert type(plain) is ToyModel and "forward" not in vars(plain.blocks[0].qkv)
+    assert list(plain.state_dict()) == list(original)
+    assert ((plain(*inputs) - unmerged).norm() / unmerged.norm()) < 1e-5
+
+
+def test_merge_and_unload_refuses_fusion_modules():
+    model, _ = wrap(ice=True)
+    with pytest.raises(MergeError, match="ICE/GQT"):
+        model.merge_and_unload()
+
+
+def test_disable_adapter_gives_base_behaviour_merged_or_not():
+    model, reference = wrap(ice=True, gqt=True, modules_to_save=[])
+    perturb(model)
+    model.eval(), reference.eval()
+    inputs = toy_inputs()
+    adapted = model(*inputs)
+    assert not torch.allclose(adapted, reference(*inputs))
+    for merge in (False, True):
+        if merge:
+            model.merge()
+        with model.disable_adapter():
+            torch.testing.assert_close(model(*inputs), reference(*inputs))
+        torch.testing.assert_close(model(*inputs), adapted, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("core", ["cp", "tucker"])
+def test_report_counts_match_the_formulas(core):
+    model, _ = wrap(core, ice=True, gqt=True)
+    report = model.parameter_report()
+    d, slices, rank = 16, 32, 4
+    assert report["groups"]["factors"] == num_factor_parameters(d, slices, rank, core)
+    assert report["groups"]["ice"] == 2 * d  # two cross-attention sites, α each
+    assert report["groups"]["gqt"] == 2 * (4 * d + 1)
+    assert report["groups"]["heads"] == 16 * 3 + 3
+    assert report["trainable"] == sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert report["base"] == sum(p.numel() for p in model.base_model.parameters())
+    excluded = model.parameter_report(base_exclude=["blocks.1"])
+    assert excluded["base"] == report["base"] - sum(p.numel() for p in model.base_model.blocks[1].parameters())
+
+
+def test_print_trainable_parameters(capsys):
+    model, _ = wrap()
+    model.print_trainable_parameters()
+    out = capsys.readouterr().out
+    assert "factors" in out and f"{(2 * 16 + 32 + 1) * 4:,}" in out and "% of base" in out
+
+
+def test_attribute_access_passes_through_to_the_base():
+    model, _ = wrap()
+    assert model.blocks is model.base_model.blocks
+    with pytest.raises(AttributeError):
+        model.no_such_attribute
+
+
+# -- bad input ------------------------------------------------------------------------------------
+
+def test_target_pattern_matching_nothing_lists_close_names():
+    with pytest.raises(TargetError, match=r"matched no nn\.Linear.*blocks\.0\.qkv"):
+        wrap(target_modules=r"blocks\.\d+\.qvk")
+    with pytest.raises(TargetError, match="matched no"):
+        wrap(target_modules=["attn.q_proj"])
+
+
+def test_suffix_list_targets():
+    model, _ = wrap(target_modules=["qkv", "crossattention.query"])
+    assert sorted(model.layers) == ["blocks.0.crossattention.query", "blocks.0.qkv",
+                                    "blocks.1.crossattention.query", "blocks.1.qkv"]
+
+
+def test_rank_out_of_range():
+    with pytest.raises(AuroraConfigError, match="rank must be a positive integer"):
+        AuroraConfig(rank=0)
+    with pytest.raises(AuroraConfigError, match="exceeds the slice size d=16"):
+        wrap(rank=17)
+
+
+def test_target_shape_not_a_multiple_of_d():
+    with pytest.raises(TargetError, match=r"head \(3×16\)"):
+        wrap(target_modules=["qkv", "head"], slice_size=16, modules_to_save=[])
+
+
+def test_fusion_without_sites_and_unknown_heads():
+    with pytest.raises(TargetError, match="no fusion site"):
+        wrap(ice=True, fusion_modules=r"blocks\.\d+\.selfattention")
+    with pytest.raises(TargetError, match="modules_to_save entry 'heads'.*head"):
+        wrap(modules_to_save=["heads"])
+
+
+def test_wrapping_twice_is_refused():
+    model, _ = wrap()
+    with pytest.raises(TypeError, match="already an AuroraModel"):
+        get_aurora_model(model, model.config)
+    with pytest.raises(RuntimeError, match="already has an adapter"):
+        get_aurora_model(model.base_model, model.config)
