@@ -17,18 +17,25 @@ import torch.nn.functional as F
 from torch import nn
 
 if TYPE_CHECKING:  # pragma: no cover
+    from .factors import ModeFactors
     from .model import AuroraModel
 
 
 class AuroraLinear:
     """Slice bookkeeping and the forward pass of one target; the factors live in the owning model."""
 
-    def __init__(self, name: str, module: nn.Linear, first_slice: int, d: int, owner: "AuroraModel") -> None:
+    def __init__(self, name: str, module: nn.Linear, first_slice: int, d: int, owner: "AuroraModel",
+                 factors_name: str = "aurora_factors") -> None:
         self.name, self.module, self.d, self.owner = name, module, d, owner
+        self.factors_name = factors_name  # "aurora_factors_m" for a momentum copy
         self.n_out, self.n_in = module.out_features // d, module.in_features // d
         self.first_slice = first_slice
         self.slice_range = slice(first_slice, first_slice + self.num_slices)
         self._plain_linear = type(module).forward is nn.Linear.forward
+
+    @property
+    def factors(self) -> "ModeFactors":
+        return getattr(self.owner, self.factors_name)
 
     @property
     def num_slices(self) -> int:
@@ -50,12 +57,11 @@ class AuroraLinear:
 
     def delta_weight(self) -> torch.Tensor:
         """s·ΔW of this target, shape (d_out, d_in), differentiable (our einsum path)."""
-        factors = self.owner.aurora_factors
-        return self.owner.config.scale * self.assemble(factors.slices(self.slice_range))
+        return self.owner.config.scale * self.assemble(self.factors.slices(self.slice_range))
 
     def reference_delta_weight(self) -> torch.Tensor:
         """s·ΔW built from TensorLy's reconstruction: what merge and export use."""
-        tensor = self.owner.aurora_factors.to_tensor(self.slice_range)  # (d, d, n)
+        tensor = self.factors.to_tensor(self.slice_range)  # (d, d, n)
         return self.owner.config.scale * self.assemble(tensor.permute(2, 0, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -72,7 +78,8 @@ class AuroraLinear:
     def factored_delta(self, x: torch.Tensor) -> torch.Tensor:
         """s·x·ΔWᵀ as two thin matmuls: z = x_j·V once per input block (shared by all output blocks),
         then z·B with B[(j, r), (i, a)] = s·L_ij[a, r]."""
-        factors, d, rank = self.owner.aurora_factors, self.d, self.owner.aurora_factors.rank
+        factors, d = self.factors, self.d
+        rank = factors.rank
         z = (x.reshape(-1, self.n_in, d) @ factors.V.to(x.dtype)).reshape(-1, self.n_in * rank)
         left = factors.left_maps(self.slice_range).reshape(self.n_out, self.n_in, d, rank)
         up = left.permute(1, 3, 0, 2).reshape(self.n_in * rank, self.n_out * d)
@@ -88,7 +95,7 @@ class AuroraLinear:
         mode = self.owner.config.forward_mode
         if mode != "auto":
             return mode == "materialised"
-        factors = self.owner.aurora_factors
+        factors = self.factors
         tokens = x.numel() // x.shape[-1]
         d, rank = self.d, factors.rank
         factored = tokens * (self.n_in + self.n_out) * d * rank

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import copy
 import re
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -31,7 +32,8 @@ from .presets import PRESETS
 class AuroraModel(nn.Module):
     """A base model with a mode-approximation adapter; calls and attributes pass through to the base."""
 
-    def __init__(self, model: nn.Module, config: AuroraConfig) -> None:
+    def __init__(self, model: nn.Module, config: AuroraConfig,
+                 momentum_pairs: Sequence[tuple[str, str]] = (), momentum: float = 0.995) -> None:
         super().__init__()
         if isinstance(model, AuroraModel):
             raise TypeError("the model is already an AuroraModel")
@@ -40,7 +42,7 @@ class AuroraModel(nn.Module):
         self.config = config
         self.adapter_enabled = True
         self.merged = False
-        targets = find_targets(model, config)
+        targets = find_targets(model, config, exclude=[tracking for _, tracking in momentum_pairs])
         self.slice_size = infer_slice_size(targets, config)
         self.layers: dict[str, AuroraLinear] = {}
         first = 0
@@ -48,6 +50,8 @@ class AuroraModel(nn.Module):
             self.layers[name] = AuroraLinear(name, module, first, self.slice_size, self)
             first += self.layers[name].num_slices
         self.aurora_factors = ModeFactors(self.slice_size, first, config.rank, config.core, config.init_seed)
+        self.momentum = momentum
+        self._add_momentum_layers(model, momentum_pairs)
         self.aurora_dropout = nn.Dropout(config.dropout)
         self.fusion_sites = find_fusion_sites(model, config)
         self.aurora_fusion = nn.ModuleDict({
@@ -67,6 +71,28 @@ class AuroraModel(nn.Module):
     def num_slices(self) -> int:
         return self.aurora_factors.num_slices
 
+    def _add_momentum_layers(self, model: nn.Module, pairs: Sequence[tuple[str, str]]) -> None:
+        """Adapt the momentum copy of each target with an EMA copy of the factors (no gradient)."""
+        modules = dict(model.named_modules())
+        self.momentum_layers: dict[str, AuroraLinear] = {}
+        for online, tracking in pairs:
+            for name, layer in self.layers.items():
+                if _has_prefix(name, online):
+                    twin = tracking + name[len(online):]
+                    if not isinstance(modules.get(twin), nn.Linear) or modules[twin].weight.shape != layer.module.weight.shape:
+                        raise TargetError(f"momentum copy {twin!r} of target {name!r} is missing or has another shape")
+                    self.momentum_layers[twin] = AuroraLinear(twin, modules[twin], layer.first_slice, self.slice_size,
+                                                              self, factors_name="aurora_factors_m")
+        if self.momentum_layers:
+            self.aurora_factors_m = copy.deepcopy(self.aurora_factors).requires_grad_(False)
+
+    @torch.no_grad()
+    def momentum_update(self) -> None:
+        """factors_m ← m·factors_m + (1 − m)·factors, as BLIP does for its momentum encoders."""
+        if "aurora_factors_m" in self._modules:
+            for tracked, online in zip(self.aurora_factors_m.parameters(), self.aurora_factors.parameters()):
+                tracked.mul_(self.momentum).add_(online, alpha=1.0 - self.momentum)
+
     def _freeze_base(self) -> None:
         for parameter in self.base_model.parameters():
             parameter.requires_grad_(False)
@@ -74,8 +100,12 @@ class AuroraModel(nn.Module):
             for parameter in module.parameters():
                 parameter.requires_grad_(True)
 
+    def all_layers(self) -> list[AuroraLinear]:
+        """Online targets, then their momentum copies."""
+        return list(self.layers.values()) + list(self.momentum_layers.values())
+
     def _install(self) -> None:
-        for layer in self.layers.values():
+        for layer in self.all_layers():
             layer.install()
         modules = dict(self.base_model.named_modules())
         for name in self.fusion_sites:
@@ -96,7 +126,7 @@ class AuroraModel(nn.Module):
         return hook
 
     def _remove(self) -> None:
-        for layer in self.layers.values():
+        for layer in self.all_layers():
             layer.remove()
         for handle in self._hooks:
             handle.remove()
@@ -122,17 +152,18 @@ class AuroraModel(nn.Module):
     get_delta_weight = delta_weight
 
     def _layer(self, name: str) -> AuroraLinear:
-        if name not in self.layers:
-            close = difflib.get_close_matches(name, self.layers, 3)
+        layers = {layer.name: layer for layer in self.all_layers()}
+        if name not in layers:
+            close = difflib.get_close_matches(name, layers, 3)
             raise KeyError(f"{name!r} is not an adapted module" + (f"; did you mean {close}?" if close else ""))
-        return self.layers[name]
+        return layers[name]
 
     @torch.no_grad()
     def merge(self) -> None:
         """W ← W + s·ΔW for every target (TensorLy reconstruction); forward then adds nothing."""
         if self.merged:
             raise MergeError("the adapter is already merged; call unmerge() before merging again")
-        for layer in self.layers.values():
+        for layer in self.all_layers():
             layer.module.weight += layer.reference_delta_weight().to(layer.module.weight.dtype)
         self.merged = True
 
@@ -140,7 +171,7 @@ class AuroraModel(nn.Module):
     def unmerge(self) -> None:
         if not self.merged:
             raise MergeError("the adapter is not merged; nothing to unmerge")
-        for layer in self.layers.values():
+        for layer in self.all_layers():
             layer.module.weight -= layer.reference_delta_weight().to(layer.module.weight.dtype)
         self.merged = False
 
@@ -196,6 +227,8 @@ class AuroraModel(nn.Module):
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:
         """Only what training changed: factors, ICE/GQT, and the heads in `modules_to_save`."""
         state = {f"factors.{k}": v for k, v in self.aurora_factors.state_dict().items()}
+        if "aurora_factors_m" in self._modules:
+            state.update({f"factors_m.{k}": v for k, v in self.aurora_factors_m.state_dict().items()})
         state.update({f"fusion.{k}": v for k, v in self.aurora_fusion.state_dict().items()})
         for head_name, module in self.heads.items():
             state.update({f"heads.{head_name}.{k}": v for k, v in module.state_dict().items()})
@@ -213,27 +246,29 @@ class AuroraModel(nn.Module):
                 target.copy_(tensors[key])
 
     @classmethod
-    def from_pretrained(cls, model: nn.Module, path: str | Path, **overrides: Any) -> "AuroraModel":
-        config = checkpoint.load_adapter_config(path)
-        if overrides:
-            config = AuroraConfig(**{**config.to_dict(), **overrides})
-        aurora = cls(model, config)
+    def from_pretrained(cls, model: nn.Module, path: str | Path, **kwargs: Any) -> "AuroraModel":
+        """Wrap `model` as the adapter in `path` says and load its weights (kwargs as for the constructor)."""
+        aurora = cls(model, checkpoint.load_adapter_config(path), **kwargs)
         aurora.load_adapter(path)
         return aurora
 
 
-def get_aurora_model(model: nn.Module, config: AuroraConfig) -> AuroraModel:
-    """Wrap `model`: freeze it, inject the shared factors (and ICE/GQT), train heads in `modules_to_save`."""
-    return AuroraModel(model, config)
+def get_aurora_model(model: nn.Module, config: AuroraConfig, **kwargs: Any) -> AuroraModel:
+    """Wrap `model`: freeze it, inject the shared factors (and ICE/GQT), train heads in `modules_to_save`.
+
+    Keyword arguments go to `AuroraModel` (`momentum_pairs`, `momentum`)."""
+    return AuroraModel(model, config, **kwargs)
 
 
-def find_targets(model: nn.Module, config: AuroraConfig) -> list[tuple[str, nn.Linear]]:
-    """The `nn.Linear` modules matched by `config.target_modules`, in `named_modules` order."""
+def find_targets(model: nn.Module, config: AuroraConfig, exclude: Sequence[str] = ()) -> list[tuple[str, nn.Linear]]:
+    """The `nn.Linear` modules matched by `config.target_modules`, in `named_modules` order, outside the
+    module prefixes in `exclude` (momentum copies, which follow their online twins instead)."""
     spec = config.target_modules
     if isinstance(spec, str) and spec in PRESETS:
         PRESETS[spec].check_architecture(model)
         spec = PRESETS[spec].target_modules
-    linears = [(name, module) for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+    linears = [(name, module) for name, module in model.named_modules()
+               if isinstance(module, nn.Linear) and not any(_has_prefix(name, p) for p in exclude)]
     if isinstance(spec, str):
         pattern = re.compile(spec)
         matched = [(n, m) for n, m in linears if pattern.fullmatch(n)]
@@ -289,6 +324,10 @@ def find_modules_to_save(model: nn.Module, names: Sequence[str]) -> dict[str, nn
                               + (f"; did you mean {sorted(set(close))}?" if close else ""))
         found.update(matches)
     return found
+
+
+def _has_prefix(name: str, prefix: str) -> bool:
+    return name == prefix or name.startswith(prefix + ".")
 
 
 def _has_suffix(name: str, suffix: str) -> bool:

@@ -237,3 +237,31 @@ def test_wrapping_twice_is_refused():
         get_aurora_model(model, model.config)
     with pytest.raises(RuntimeError, match="already has an adapter"):
         get_aurora_model(model.base_model, model.config)
+
+
+def test_momentum_copies_track_the_adapter_by_moving_average():
+    torch.manual_seed(0)
+    base = ToyModel()
+    base.blocks_m = copy.deepcopy(base.blocks)
+    config = AuroraConfig(rank=4, target_modules=["qkv", "fc2"], dropout=0.0)
+    model = get_aurora_model(base, config, momentum_pairs=[("blocks", "blocks_m")], momentum=0.9)
+    assert sorted(model.layers) == ["blocks.0.fc2", "blocks.0.qkv", "blocks.1.fc2", "blocks.1.qkv"]
+    assert sorted(model.momentum_layers) == ["blocks_m.0.fc2", "blocks_m.0.qkv", "blocks_m.1.fc2", "blocks_m.1.qkv"]
+    assert model.layers["blocks.1.qkv"].first_slice == model.momentum_layers["blocks_m.1.qkv"].first_slice
+    assert not any(p.requires_grad for p in model.aurora_factors_m.parameters())
+    assert torch.count_nonzero(model.delta_weight("blocks_m.0.qkv")) == 0
+    perturb(model)
+    before = {n: p.clone() for n, p in model.aurora_factors_m.named_parameters()}
+    model.momentum_update()
+    for name, tracked in model.aurora_factors_m.named_parameters():
+        online = dict(model.aurora_factors.named_parameters())[name]
+        torch.testing.assert_close(tracked, 0.9 * before[name] + 0.1 * online)
+    x = torch.randn(3, 16)
+    torch.testing.assert_close(model.base_model.blocks_m[0].qkv(x),
+                               torch.nn.functional.linear(x, base.blocks_m[0].qkv.weight + model.delta_weight("blocks_m.0.qkv"),
+                                                          base.blocks_m[0].qkv.bias), rtol=1e-5, atol=1e-5)
+    assert {"factors_m.U", "factors_m.V"} <= set(model.adapter_state_dict())
+    model.merge()
+    model.unmerge()
+    with pytest.raises(TargetError, match="momentum copy 'blocks_x.0.qkv'"):
+        get_aurora_model(ToyModel(), config, momentum_pairs=[("blocks", "blocks_x")])
