@@ -50,7 +50,7 @@ class AuroraModel(nn.Module):
             self.layers[name] = AuroraLinear(name, module, first, self.slice_size, self)
             first += self.layers[name].num_slices
         self.aurora_factors = ModeFactors(self.slice_size, first, config.rank, config.core, config.init_seed)
-        self.momentum = momentum
+        self.momentum, self.momentum_pairs = momentum, [tuple(pair) for pair in momentum_pairs]
         self._add_momentum_layers(model, momentum_pairs)
         self.aurora_dropout = nn.Dropout(config.dropout)
         self.fusion_sites = find_fusion_sites(model, config)
@@ -206,12 +206,16 @@ class AuroraModel(nn.Module):
                 self.merge()
 
     # -- reporting -------------------------------------------------------------------------------
-    def parameter_report(self, base_exclude: Sequence[str] = ()) -> dict[str, Any]:
+    def parameter_report(self, base_exclude: Sequence[str] | None = None) -> dict[str, Any]:
+        """Trainable parameters per group against the base model; the base count leaves out the
+        momentum copies unless `base_exclude` (module-name prefixes) says otherwise."""
         from .report import parameter_report
 
+        if base_exclude is None:
+            base_exclude = [tracking for _, tracking in self.momentum_pairs]
         return parameter_report(self, base_exclude)
 
-    def print_trainable_parameters(self, base_exclude: Sequence[str] = ()) -> None:
+    def print_trainable_parameters(self, base_exclude: Sequence[str] | None = None) -> None:
         from .report import format_report
 
         print(format_report(self.parameter_report(base_exclude)))

@@ -59,6 +59,7 @@ def format_report(report: dict[str, Any]) -> str:
              f"M={report['num_slices']} slices in {report['num_targets']} target modules",
              f"{'group':<{width}}{'parameters':>14}{'% of base':>12}"]
     lines += [f"{name:<{width}}{n:>14,}{100.0 * n / base if base else 0:>11.4f}%" for name, n in rows]
-    excluded = f" (excluding {', '.join(report['base_excludes'])})" if report["base_excludes"] else ""
-    lines.append(f"{'base model' + excluded:<{width}}{base:>14,}")
+    lines.append(f"{'base model':<{width}}{base:>14,}")
+    if report["base_excludes"]:
+        lines.append(f"(the base count leaves out the momentum copies {', '.join(report['base_excludes'])})")
     return "\n".join(lines)

@@ -42,7 +42,9 @@ from safetensors.torch import load_file as load_safetensors
 from torch import nn
 from transformers import BertTokenizer
 
-from ..errors import AuroraConfigError, AuroraError
+from ..config import AuroraConfig
+from ..errors import AuroraConfigError, AuroraError, TargetError
+from ..model import AuroraModel, get_aurora_model
 
 with warnings.catch_warnings():  # LAVIS's import chain raises torch.jit / fairscale deprecation warnings
     warnings.simplefilter("ignore", FutureWarning)
@@ -53,8 +55,8 @@ with warnings.catch_warnings():  # LAVIS's import chain raises torch.jit / fairs
     from lavis.models.med import BertConfig, XBertEncoder, XBertLMHeadDecoder
     from lavis.models.vit import VisionTransformer, VisionTransformerEncoder, interpolate_pos_embed
 
-__all__ = ["ARCHITECTURES", "DEFAULT_VOCAB", "SIZES", "CheckpointError", "LoadReport", "blip_tokenizer",
-           "build_blip", "load_checkpoint", "momentum_pairs"]
+__all__ = ["ARCHITECTURES", "DEFAULT_VOCAB", "SIZES", "CheckpointError", "LoadReport", "architecture_of",
+           "blip_tokenizer", "build_blip", "load_checkpoint", "momentum_pairs", "wrap_blip"]
 
 log = logging.getLogger(__name__)
 
@@ -311,3 +313,46 @@ def _interpolate_pos_embeds(model: nn.Module, state: dict[str, torch.Tensor]) ->
         log.info("resized %s from %s to %s", key, tuple(saved.shape), tuple(target.shape))
         resized.append(key)
     return resized
+
+
+def architecture_of(model: nn.Module) -> str:
+    """"blip_retrieval" or "blip_vqa", from the model's LAVIS class."""
+    for arch, cls in _CLASSES.items():
+        if isinstance(model, cls):
+            return arch
+    raise TargetError(f"expected a LAVIS BlipRetrieval or BlipVQA model, got {type(model).__name__}")
+
+
+def wrap_blip(model: nn.Module, config: AuroraConfig | str = "cross-attention", **overrides: Any) -> AuroraModel:
+    """Wrap a LAVIS BLIP model so that it trains correctly in LAVIS's own forward passes.
+
+    `config` is an `AuroraConfig` or a preset name ("cross-attention", "text-attention", "reference")
+    of the model's architecture, with `overrides` applied to it. Beyond `get_aurora_model`, this
+    - adapts the momentum encoders' copies of the targets from an EMA of the factors, updated right
+      after LAVIS's own `_momentum_update` (which keeps zipping base parameters by position: none of
+      ours live inside base modules);
+    - turns off the VQA answer decoder's key/value cache when ICE is on: ICE attends over all earlier
+      text tokens of the layer, which an incremental decoding step does not see, so generation
+      recomputes the (short) prefix to stay identical to training.
+    """
+    arch = architecture_of(model)
+    if isinstance(config, str):
+        config = AuroraConfig.from_preset(config if "/" in config else f"{arch}/{config}", **overrides)
+    elif overrides:
+        config = AuroraConfig(**{**config.to_dict(), **overrides})
+    aurora = get_aurora_model(model, config, momentum_pairs=momentum_pairs(model),
+                              momentum=getattr(model, "momentum", 0.995))
+    if aurora.momentum_pairs:
+        lavis_update = model._momentum_update
+
+        def momentum_update() -> None:
+            lavis_update()
+            aurora.momentum_update()
+
+        model._momentum_update = momentum_update
+    decoder = getattr(model, "text_decoder", None)
+    if config.ice and decoder is not None:
+        decoder.config.use_cache = False
+        if getattr(decoder, "generation_config", None) is not None:
+            decoder.generation_config.use_cache = False
+    return aurora
