@@ -1,14 +1,25 @@
-"""Parameter accounting: trainable parameters per group, against the base model and against peers."""
+"""Parameter accounting: trainable parameters per group, against the base model and against peers.
+
+One source of truth: `parameter_report` (and `add_comparisons`) compute the numbers, `report_rows` turns
+them into the rows that the text table, the CSV and the JSON of `aurora-pet params` all print.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from torch import nn
 
 if TYPE_CHECKING:  # pragma: no cover
     from .model import AuroraModel
+
+
+class Row(NamedTuple):
+    name: str  # stable key for tools: factors, ice, gqt, heads, total, lora, full_finetuning
+    label: str  # what the table shows
+    parameters: int
+    percent_of_base: float
 
 
 def count(parameters: Iterable[nn.Parameter]) -> int:
@@ -28,6 +39,7 @@ def parameter_report(model: "AuroraModel", base_exclude: Sequence[str] = ()) -> 
         "gqt": sum(count(site.gqt.parameters()) for site in fusion if site.gqt is not None),
         "heads": count(p for m in model.heads.values() for p in m.parameters() if p.requires_grad),
     }
+    everything = count(model.base_model.parameters())
     base = sum(p.numel() for n, p in model.base_model.named_parameters()
                if not any(n == e or n.startswith(e + ".") for e in base_exclude))
     trainable = sum(groups.values())
@@ -36,10 +48,12 @@ def parameter_report(model: "AuroraModel", base_exclude: Sequence[str] = ()) -> 
         "trainable": trainable,
         "base": base,
         "base_excludes": list(base_exclude),
-        "percent_of_base": 100.0 * trainable / base if base else 0.0,
+        "base_excluded_parameters": everything - base,
+        "percent_of_base": _percent(trainable, base),
         "slice_size": model.slice_size,
         "num_slices": model.num_slices,
         "num_targets": len(model.layers),
+        "heads": list(model.heads),
         "rank": model.config.rank,
         "core": model.config.core,
     }
@@ -50,16 +64,46 @@ def lora_parameter_count(model: "AuroraModel", rank: int) -> int:
     return sum(rank * (layer.module.in_features + layer.module.out_features) for layer in model.layers.values())
 
 
+def add_comparisons(report: dict[str, Any], model: "AuroraModel", lora_rank: int) -> dict[str, Any]:
+    """The report plus what peers train: LoRA at `lora_rank` on the same targets with the same heads,
+    and full fine-tuning (every base parameter, so the momentum copies stay out here too)."""
+    lora = lora_parameter_count(model, lora_rank) + report["groups"]["heads"]
+    return {**report, "comparisons": {"lora": {"rank": lora_rank, "trainable": lora},
+                                      "full_finetuning": {"trainable": report["base"]}}}
+
+
+def report_rows(report: dict[str, Any]) -> list[Row]:
+    """The groups, the total, then any comparisons, each with its share of the base model."""
+    groups = report["groups"]
+    heads = f"heads: {', '.join(report['heads'])}" if report["heads"] else "heads"
+    rows = [("factors", f"factors ({report['core']}, R={report['rank']}, M={report['num_slices']})"),
+            ("ice", "ICE"), ("gqt", "GQT"), ("heads", heads)]
+    counts = [(name, label, groups[name]) for name, label in rows]
+    counts.append(("total", "total trainable", report["trainable"]))
+    if "comparisons" in report:  # see add_comparisons
+        lora, full = report["comparisons"]["lora"], report["comparisons"]["full_finetuning"]
+        counts.append(("lora", f"LoRA r={lora['rank']}, same targets + heads", lora["trainable"]))
+        counts.append(("full_finetuning", "full fine-tuning", full["trainable"]))
+    return [Row(name, label, n, _percent(n, report["base"])) for name, label, n in counts]
+
+
 def format_report(report: dict[str, Any]) -> str:
-    """A small table: one row per group, then the total with its share of the base model."""
-    base = report["base"]
-    rows = [(name, n) for name, n in report["groups"].items()] + [("total trainable", report["trainable"])]
-    width = max(len(name) for name, _ in rows) + 2
+    """A small table: one row per group, the total, any comparisons, and the base model's size."""
+    rows = report_rows(report)
+    width = max(len(row.label) for row in rows) + 2
     lines = [f"Aurora {report['core']} R={report['rank']}  d={report['slice_size']}  "
              f"M={report['num_slices']} slices in {report['num_targets']} target modules",
              f"{'group':<{width}}{'parameters':>14}{'% of base':>12}"]
-    lines += [f"{name:<{width}}{n:>14,}{100.0 * n / base if base else 0:>11.4f}%" for name, n in rows]
-    lines.append(f"{'base model':<{width}}{base:>14,}")
+    for row in rows:
+        if row.name == "lora":
+            lines.append("compared with")
+        lines.append(f"{row.label:<{width}}{row.parameters:>14,}{row.percent_of_base:>11.4f}%")
+    lines.append(f"{'base model':<{width}}{report['base']:>14,}")
     if report["base_excludes"]:
-        lines.append(f"(the base count leaves out the momentum copies {', '.join(report['base_excludes'])})")
+        lines.append(f"The base count leaves out the momentum copies {', '.join(report['base_excludes'])} "
+                     f"({report['base_excluded_parameters']:,} parameters): they are never trained.")
     return "\n".join(lines)
+
+
+def _percent(n: int, base: int) -> float:
+    return 100.0 * n / base if base else 0.0

@@ -26,6 +26,7 @@ weights pass ``vocab_file=`` the ``vocab.txt`` of ``bert-base-uncased`` (30522 t
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import json
 import logging
@@ -37,11 +38,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.utils.checkpoint
 from omegaconf import OmegaConf
 from safetensors.torch import load_file as load_safetensors
 from torch import nn
 from transformers import BertTokenizer
 
+from ..checkpoint import load_adapter_config
 from ..config import AuroraConfig
 from ..errors import AuroraConfigError, AuroraError, TargetError
 from ..model import AuroraModel, get_aurora_model
@@ -49,6 +52,7 @@ from ..model import AuroraModel, get_aurora_model
 with warnings.catch_warnings():  # LAVIS's import chain raises torch.jit / fairscale deprecation warnings
     warnings.simplefilter("ignore", FutureWarning)
     warnings.simplefilter("ignore", DeprecationWarning)
+    from fairscale.nn.checkpoint.checkpoint_activations import _checkpointed_forward
     from lavis.common.utils import get_abs_path
     from lavis.models.blip_models.blip_retrieval import BlipRetrieval
     from lavis.models.blip_models.blip_vqa import BlipVQA
@@ -56,7 +60,8 @@ with warnings.catch_warnings():  # LAVIS's import chain raises torch.jit / fairs
     from lavis.models.vit import VisionTransformer, VisionTransformerEncoder, interpolate_pos_embed
 
 __all__ = ["ARCHITECTURES", "DEFAULT_VOCAB", "SIZES", "CheckpointError", "LoadReport", "architecture_of",
-           "blip_tokenizer", "build_blip", "load_checkpoint", "momentum_pairs", "wrap_blip"]
+           "blip_tokenizer", "build_blip", "load_blip_adapter", "load_checkpoint", "momentum_pairs",
+           "wrap_blip"]
 
 log = logging.getLogger(__name__)
 
@@ -333,7 +338,10 @@ def wrap_blip(model: nn.Module, config: AuroraConfig | str = "cross-attention", 
       ours live inside base modules);
     - turns off the VQA answer decoder's key/value cache when ICE is on: ICE attends over all earlier
       text tokens of the layer, which an incremental decoding step does not see, so generation
-      recomputes the (short) prefix to stay identical to training.
+      recomputes the (short) prefix to stay identical to training;
+    - switches LAVIS's ViT activation checkpointing (fairscale, ``vit_grad_ckpt``) to PyTorch's
+      non-reentrant form, which lets gradients reach targets inside it, works under DDP with shared
+      factors, and runs the momentum copy's own modules (see `_checkpoint_without_reentry`).
     """
     arch = architecture_of(model)
     if isinstance(config, str):
@@ -355,4 +363,41 @@ def wrap_blip(model: nn.Module, config: AuroraConfig | str = "cross-attention", 
         decoder.config.use_cache = False
         if getattr(decoder, "generation_config", None) is not None:
             decoder.generation_config.use_cache = False
+    _checkpoint_without_reentry(model)
     return aurora
+
+
+def load_blip_adapter(model: nn.Module, path: str | Path) -> AuroraModel:
+    """`wrap_blip` with the config saved in `path` (by `save_pretrained`), then its weights loaded.
+
+    Use this rather than `AuroraModel.from_pretrained` for LAVIS models: it restores the momentum
+    pairing, the EMA chained to LAVIS's update and the decoder settings, not only the tensors."""
+    aurora = wrap_blip(model, load_adapter_config(path))
+    aurora.load_adapter(path)
+    return aurora
+
+
+def _checkpoint_without_reentry(model: nn.Module) -> None:
+    """Re-wrap every fairscale-checkpointed module with PyTorch's non-reentrant checkpoint, bound to itself.
+
+    LAVIS checkpoints ViT ``attn``/``mlp`` modules with fairscale's reentrant ``checkpoint_wrapper``
+    (retrieval's yaml: the last ``vit_ckpt_layer`` blocks). Under an adapter that breaks three ways:
+    - the wrapper detaches a module's output unless the module's own parameters or its input require
+      grad; with the base frozen neither does, so targets inside got no gradient at all;
+    - were the input made to require grad, each module would run its own nested backward and mark the
+      shared factors ready several times per step, which DDP without ``static_graph`` rejects;
+    - the wrapper holds a weak reference to its module, which ``deepcopy`` does not copy, so in the
+      momentum encoder (``visual_encoder_m = deepcopy(visual_encoder)``) these modules ran the online
+      module: the online factors instead of their EMA (frozen base weights agree up to rounding).
+    The non-reentrant checkpoint saves the same activations and has none of these problems; the module
+    is held strongly (as `AuroraLinear` holds its module), so a deepcopy is bound to its own copy."""
+    for module in model.modules():
+        forward = vars(module).get("forward")
+        if isinstance(forward, functools.partial) and forward.func is _checkpointed_forward:
+            module.forward = functools.partial(_non_reentrant_forward, forward.args[0], module)
+
+
+def _non_reentrant_forward(original: Any, module: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    if not torch.is_grad_enabled():
+        return original(module, *args, **kwargs)
+    return torch.utils.checkpoint.checkpoint(original, module, *args, use_reentrant=False, **kwargs)

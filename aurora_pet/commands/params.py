@@ -1,0 +1,128 @@
+"""`aurora-pet params`: how many parameters an Aurora configuration trains on a LAVIS BLIP architecture.
+
+The real architecture is built with random weights (nothing is downloaded) and wrapped by `wrap_blip`,
+exactly as training wraps it, so the counts are those of a run, not of a formula. The base model is
+counted without BLIP retrieval's momentum copies, which are never trained; the output says so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import re
+import sys
+from typing import Any
+
+from torch import nn
+
+from ..config import CORES, AuroraConfig
+from ..errors import AuroraConfigError, AuroraError
+from ..presets import get_preset
+from ..report import add_comparisons, format_report, report_rows
+
+ARCHS = ("blip_retrieval", "blip_vqa")
+DEFAULT_PRESET = "cross-attention"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--arch", choices=ARCHS, default="blip_retrieval", help="LAVIS architecture")
+    parser.add_argument("--model-type", help="LAVIS model type (default: the architecture's first: coco, vqav2)")
+    targets = parser.add_mutually_exclusive_group()
+    targets.add_argument("--preset", help=f"target preset: {DEFAULT_PRESET} (default), text-attention, reference, "
+                                          "or a full name such as blip_vqa/reference")
+    targets.add_argument("--targets", help="modules to adapt instead of a preset's: a regex (full match on module "
+                                           "names) or a comma-separated list of module-name suffixes; the heads "
+                                           "and ICE/GQT sites stay the architecture's")
+    parser.add_argument("--rank", type=int, default=64, help="R, the rank of the shared factors (default 64)")
+    parser.add_argument("--core", choices=CORES, default="cp", help="cp (the method) or tucker")
+    parser.add_argument("--no-ice", action="store_true", help="without Informative Context Enhancement")
+    parser.add_argument("--no-gqt", action="store_true", help="without Gated Query Transformation")
+    parser.add_argument("--lora-rank", type=int, default=8, help="rank of the LoRA comparison row (default 8)")
+    parser.add_argument("--size", choices=("base", "tiny"), default="base",
+                        help="base: BLIP-base exactly (default); tiny: the test-size model")
+    output = parser.add_mutually_exclusive_group()
+    output.add_argument("--json", action="store_true", help="print the full report as JSON")
+    output.add_argument("--csv", action="store_true", help="print the table as CSV")
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        config = config_from_args(args)
+        if args.lora_rank < 1:
+            raise AuroraConfigError(f"--lora-rank must be a positive integer, got {args.lora_rank}")
+        print(f"Building LAVIS {args.arch} ({args.size} architecture) with random weights, nothing downloaded ...",
+              file=sys.stderr, flush=True)
+        from ..integrations.lavis import ARCHITECTURES  # imports LAVIS: only once the arguments are valid
+
+        model_type = args.model_type or ARCHITECTURES[args.arch][0]
+        model = build_model(args.arch, model_type, args.size)
+        report = parameter_table(model, config, args.lora_rank)
+    except AuroraError as error:
+        print(f"aurora-pet params: error: {error}", file=sys.stderr)
+        return 2
+    report["model"] = {"arch": args.arch, "model_type": model_type, "size": args.size}
+    print(render(report, "json" if args.json else "csv" if args.csv else "text"))
+    return 0
+
+
+def config_from_args(args: argparse.Namespace) -> AuroraConfig:
+    """The preset's config (targets, ICE/GQT sites, heads) with the command line's changes."""
+    preset = args.preset or DEFAULT_PRESET
+    name = preset if "/" in preset else f"{args.arch}/{preset}"
+    if get_preset(name).architecture != args.arch:
+        raise AuroraConfigError(f"preset {name!r} is for {get_preset(name).architecture}, not --arch {args.arch}")
+    overrides: dict[str, Any] = {"rank": args.rank, "core": args.core}
+    if args.no_ice:
+        overrides["ice"] = False
+    if args.no_gqt:
+        overrides["gqt"] = False
+    if args.targets is not None:
+        overrides["target_modules"] = parse_targets(args.targets)
+    return AuroraConfig.from_preset(name, **overrides)
+
+
+def parse_targets(text: str) -> str | list[str]:
+    """Plain dotted names separated by commas are a list of name suffixes; anything else is a regex."""
+    if re.fullmatch(r"[\w.]+(,[\w.]+)*", text):
+        return text.split(",")
+    return text
+
+
+def build_model(arch: str, model_type: str, size: str) -> nn.Module:
+    from ..integrations.lavis import build_blip
+
+    return build_blip(arch, model_type, size=size)
+
+
+def parameter_table(model: nn.Module, config: AuroraConfig, lora_rank: int) -> dict[str, Any]:
+    """The report of `model` wrapped with `config`, with the LoRA and full fine-tuning comparisons.
+
+    The wrapping is undone afterwards (the model can be counted again with another config)."""
+    from ..integrations.lavis import wrap_blip
+
+    aurora = wrap_blip(model, config)
+    try:
+        report = add_comparisons(aurora.parameter_report(), aurora, lora_rank)
+    finally:
+        aurora.unload()
+    return {**report, "config": config.to_dict()}
+
+
+def render(report: dict[str, Any], fmt: str) -> str:
+    rows = report_rows(report)
+    if fmt == "json":
+        return json.dumps({**report, "rows": [row._asdict() for row in rows]}, indent=2)
+    if fmt == "csv":
+        out = io.StringIO()
+        writer = csv.writer(out, lineterminator="\n")
+        writer.writerow(["name", "label", "parameters", "percent_of_base"])
+        writer.writerows([row.name, row.label, row.parameters, f"{row.percent_of_base:.6f}"] for row in rows)
+        writer.writerow(["base", "base model", report["base"], f"{100.0:.6f}"])
+        return out.getvalue().rstrip("\n")
+    model = report["model"]
+    config = report["config"]
+    title = (f"{model['arch']} ({model['model_type']}), {model['size']} architecture with random weights; targets "
+             f"{config['target_modules']}; ICE {'on' if config['ice'] else 'off'}, GQT {'on' if config['gqt'] else 'off'}")
+    return title + "\n" + format_report(report)
