@@ -70,20 +70,51 @@ class AuroraLinear:
             return type(module).forward(module, x)
         dropout = self.owner.aurora_dropout
         dropout_active = dropout.training and dropout.p > 0
-        if self._plain_linear and not dropout_active and self._prefers_materialised(x):
-            weight = module.weight + self.delta_weight().to(module.weight.dtype)
-            return F.linear(x, weight, module.bias)
-        return type(module).forward(module, x) + self.factored_delta(dropout(x))
+        if not self._plain_linear:
+            return type(module).forward(module, x) + self.factored_delta(dropout(x))
+        if not dropout_active and self._prefers_materialised(x):
+            return F.linear(x, self.adapted_weight(), module.bias)
+        # base and update in one output buffer: x·Wᵀ + b, then z·B accumulated into it in place
+        # (the same sum as base + delta, without two more (tokens × d_out) tensors and an add)
+        inputs = x.reshape(-1, module.in_features)
+        weight = module.weight
+        out = inputs @ weight.T if module.bias is None else torch.addmm(module.bias, inputs, weight.T)
+        z = self.input_projection(dropout(inputs) if dropout_active else inputs)
+        out.addmm_(z, self.up_projection(out.dtype))
+        return out.view(*x.shape[:-1], module.out_features)
+
+    def adapted_weight(self) -> torch.Tensor:
+        """W + s·ΔW, built as one fused multiply-add W + (s·L)·Vᵀ when the target has a single input block
+        (every target but an MLP fc2); equal to `weight + delta_weight()`."""
+        weight = self.module.weight
+        if self.n_in != 1:
+            return weight + self.delta_weight().to(weight.dtype)
+        factors = self.factors
+        left = factors.left_maps(self.slice_range).reshape(self.n_out * self.d, factors.rank)
+        return torch.addmm(weight, left.to(weight.dtype), factors.V.T.to(weight.dtype), alpha=self.owner.config.scale)
+
+    def input_projection(self, x: torch.Tensor) -> torch.Tensor:
+        """z = x_j·V for every input block j, shape (tokens, n_in·R)."""
+        rank = self.factors.rank
+        return (x.reshape(-1, self.n_in, self.d) @ self.factors.V.to(x.dtype)).reshape(-1, self.n_in * rank)
+
+    def up_projection(self, dtype: torch.dtype) -> torch.Tensor:
+        """B with B[(j, r), (i, a)] = s·L_ij[a, r], shape (n_in·R, n_out·d): x·ΔWᵀ = z·B."""
+        left = self.factors.left_maps(self.slice_range)
+        if self.n_in == 1:  # (n_out, d, R) → (R, n_out·d) as a view; scale the small factor, not the product
+            up = left.reshape(self.n_out * self.d, -1).T
+        else:
+            rank = self.factors.rank
+            up = left.reshape(self.n_out, self.n_in, self.d, rank).permute(1, 3, 0, 2).reshape(
+                self.n_in * rank, self.n_out * self.d)
+        scale = self.owner.config.scale
+        return (up if scale == 1 else scale * up).to(dtype)
 
     def factored_delta(self, x: torch.Tensor) -> torch.Tensor:
         """s·x·ΔWᵀ as two thin matmuls: z = x_j·V once per input block (shared by all output blocks),
         then z·B with B[(j, r), (i, a)] = s·L_ij[a, r]."""
-        factors, d = self.factors, self.d
-        rank = factors.rank
-        z = (x.reshape(-1, self.n_in, d) @ factors.V.to(x.dtype)).reshape(-1, self.n_in * rank)
-        left = factors.left_maps(self.slice_range).reshape(self.n_out, self.n_in, d, rank)
-        up = left.permute(1, 3, 0, 2).reshape(self.n_in * rank, self.n_out * d)
-        return (z @ (self.owner.config.scale * up).to(x.dtype)).reshape(*x.shape[:-1], self.n_out * d)
+        delta = self.input_projection(x) @ self.up_projection(x.dtype)
+        return delta.reshape(*x.shape[:-1], self.n_out * self.d)
 
     def _prefers_materialised(self, x: torch.Tensor) -> bool:
         """Multiply-add counts of the two ways to apply the update to this input.

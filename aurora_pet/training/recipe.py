@@ -1,0 +1,251 @@
+"""Recipe files: LAVIS project yaml (``model`` / ``datasets`` / ``run``) plus an ``aurora:`` section.
+
+A recipe is loaded twice on purpose. LAVIS's own ``Config`` builds the configuration the runner, tasks
+and dataset builders see (its defaults, merging and ``--options`` handling, unchanged). Before that,
+every key the recipe or an option sets is checked against what LAVIS and aurora-pet actually read, so a
+typo (``init_lrr``, ``aurora.rnak``) stops the run with the closest valid name instead of being
+silently ignored, as LAVIS would.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from ..config import AuroraConfig
+from ..errors import AuroraConfigError
+
+SECTIONS = ("model", "datasets", "run", "aurora")
+
+# Keys of `run:` read by LAVIS 1.0.2 (RunnerBase, the tasks, the LR schedulers, train.py) and by aurora-pet.
+RUN_KEYS = {
+    # LAVIS
+    "task", "runner", "lr_sched", "init_lr", "min_lr", "warmup_lr", "warmup_steps", "lr_decay_rate",
+    "weight_decay", "beta2", "max_epoch", "max_iters", "iters_per_inner_epoch", "batch_size_train",
+    "batch_size_eval", "num_workers", "train_splits", "valid_splits", "test_splits", "train_dataset_ratios",
+    "device", "world_size", "dist_url", "distributed", "gpu", "rank", "dist_backend", "use_dist_eval_sampler",
+    "k_test", "seed", "output_dir", "amp", "resume_ckpt_path", "evaluate", "max_len", "min_len", "num_beams",
+    "num_ans_candidates", "inference_method", "prompt", "report_metric", "log_freq", "accum_grad_iters",
+    # aurora-pet
+    "find_unused_parameters", "progress", "save_resume_state", "plot",
+}
+# Keys of `model:` that are not build settings of `build_blip` (those are listed by the integration).
+MODEL_KEYS = {"arch", "model_type", "load_finetuned", "load_pretrained", "finetuned", "pretrained",
+              "vit_type", "med_config_path", "size", "vocab_file"}
+DATASET_KEYS = {"data_type", "build_info", "vis_processor", "text_processor", "type"}
+BUILD_INFO_KEYS = {"annotations", "images", "videos", "features"}
+SPLIT_KEYS = {"url", "storage", "md5"}
+# `aurora:` = AuroraConfig fields + `preset` (a preset of the model's architecture) + `adapter` (load one).
+AURORA_EXTRA_KEYS = {"preset", "adapter"}
+SUPPORTED_ARCHS = ("blip_retrieval", "blip_vqa")
+
+
+class RecipeError(AuroraConfigError):
+    """A recipe or option that is missing, malformed, or sets a key nothing reads."""
+
+
+@dataclass
+class Recipe:
+    """A loaded, checked recipe: LAVIS's merged ``Config`` plus what aurora-pet reads beside it."""
+
+    path: Path
+    options: list[str]
+    cfg: Any  # lavis.common.config.Config
+    model_settings: dict[str, Any]  # the model keys the recipe and options set (not LAVIS's defaults)
+    aurora: AuroraConfig | None  # None: no `aurora:` section, every base weight trains (full fine-tuning)
+    adapter: str | None = None  # an adapter directory to load before training or evaluation
+    raw: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def run_cfg(self):
+        return self.cfg.run_cfg
+
+    @property
+    def arch(self) -> str:
+        return str(self.cfg.model_cfg.arch)
+
+    def fingerprint(self) -> dict[str, Any]:
+        """What a checkpoint must agree with to be resumed: the adapter and the model it adapts."""
+        return {"aurora": self.aurora.to_dict() if self.aurora else None,
+                "model": {"arch": self.arch, "model_type": str(self.cfg.model_cfg.model_type),
+                          **{k: v for k, v in self.model_settings.items()
+                             if k not in ("arch", "model_type", "pretrained", "finetuned", "vocab_file")}}}
+
+
+def split_options(options: Sequence[str] | None) -> list[str]:
+    """``--options`` as LAVIS reads them: ``k=v`` items, or alternating ``k v`` pairs."""
+    options = list(options or [])
+    if not options or "=" in options[0]:
+        bad = [o for o in options if "=" not in o]
+        if bad:
+            raise RecipeError(f"--options expects key=value items; got {bad[0]!r}")
+        return options
+    if len(options) % 2:
+        raise RecipeError(f"--options: key {options[-1]!r} has no value")
+    return [f"{k}={v}" for k, v in zip(options[0::2], options[1::2])]
+
+
+def load_recipe(cfg_path: str | Path, options: Sequence[str] | None = None) -> Recipe:
+    """Check the recipe's keys and values, then build LAVIS's ``Config`` from it."""
+    from .lavis_env import import_lavis_registry
+
+    registry = import_lavis_registry()
+    from lavis.common.config import Config
+
+    path = Path(cfg_path)
+    if not path.is_file():
+        raise RecipeError(f"recipe not found: {path}")
+    try:
+        raw = OmegaConf.load(path)
+    except (OmegaConfBaseException, ValueError, OSError) as error:  # yaml errors are ValueErrors here
+        raise RecipeError(f"{path}: not a valid yaml file ({error})") from None
+    if not isinstance(raw, DictConfig):
+        raise RecipeError(f"{path}: expected a mapping with sections {', '.join(SECTIONS)}")
+    options = split_options(options)
+    try:
+        user = OmegaConf.from_dotlist(options)
+    except OmegaConfBaseException as error:
+        raise RecipeError(f"--options: cannot parse {options} ({error})") from None
+    check_keys(raw, str(path), registry)
+    check_keys(user, "--options", registry)
+    merged = OmegaConf.merge(raw, user)
+    for section in ("model", "datasets", "run"):
+        if section not in merged or not isinstance(merged[section], DictConfig):
+            raise RecipeError(f"{path}: missing the {section!r} section")
+    arch = merged.model.get("arch")
+    if arch not in SUPPORTED_ARCHS:
+        raise RecipeError(f"model.arch is {arch!r}; aurora-pet recipes support {list(SUPPORTED_ARCHS)}")
+    check_model_keys(merged.model, arch)
+    for key in ("task", "output_dir"):
+        if merged.run.get(key) is None:
+            raise RecipeError(f"{path}: run.{key} is required")
+    if registry.get_task_class(merged.run.task) is None:
+        raise RecipeError(_unknown("run.task", merged.run.task, registry.mapping["task_name_mapping"]))
+    lr_sched = merged.run.get("lr_sched", "linear_warmup_cosine_lr")
+    if registry.get_lr_scheduler_class(lr_sched) is None:
+        raise RecipeError(_unknown("run.lr_sched", lr_sched, registry.mapping["lr_scheduler_name_mapping"]))
+
+    aurora_section = merged.get("aurora")
+    aurora, adapter = None, None
+    if aurora_section is not None:
+        fields = OmegaConf.to_container(aurora_section, resolve=True)
+        adapter = fields.pop("adapter", None)
+        aurora = aurora_config(fields, arch)
+
+    cfg = Config(SimpleNamespace(cfg_path=str(path), options=options))
+    OmegaConf.set_struct(cfg.config, False)
+    cfg.config.aurora = OmegaConf.create(aurora.to_dict() if aurora else None)
+    settings = OmegaConf.to_container(merged.model, resolve=True)
+    return Recipe(path=path, options=options, cfg=cfg, model_settings=settings, aurora=aurora,
+                  adapter=adapter, raw=OmegaConf.to_container(merged, resolve=True))
+
+
+def aurora_config(fields: Mapping[str, Any], arch: str) -> AuroraConfig:
+    """The ``aurora:`` section as an ``AuroraConfig``: ``preset`` names a preset of ``arch``."""
+    fields = dict(fields)
+    preset = fields.pop("preset", None)
+    try:
+        if preset is not None:
+            name = preset if "/" in str(preset) else f"{arch}/{preset}"
+            return AuroraConfig.from_preset(name, **_known_aurora_fields(fields))
+        return AuroraConfig.from_dict(fields)
+    except AuroraConfigError as error:
+        raise RecipeError(f"aurora: {error}") from None
+
+
+def _known_aurora_fields(fields: dict[str, Any]) -> dict[str, Any]:
+    import dataclasses
+
+    known = {f.name for f in dataclasses.fields(AuroraConfig)}
+    unknown = sorted(set(fields) - known)
+    if unknown:
+        raise RecipeError("; ".join(_unknown_key(f"aurora.{k}", k, known | AURORA_EXTRA_KEYS) for k in unknown))
+    return fields
+
+
+def check_keys(node: DictConfig, source: str, registry) -> None:
+    """Every key `node` sets must be one LAVIS or aurora-pet reads; the error names the closest one."""
+    import dataclasses
+
+    problems = []
+    for section in node:
+        if section not in SECTIONS:
+            problems.append(_unknown_key(str(section), section, SECTIONS))
+    run = node.get("run")
+    if isinstance(run, DictConfig):
+        problems += [_unknown_key(f"run.{k}", k, RUN_KEYS) for k in run if k not in RUN_KEYS]
+    aurora = node.get("aurora")
+    if isinstance(aurora, DictConfig):
+        known = {f.name for f in dataclasses.fields(AuroraConfig)} | AURORA_EXTRA_KEYS
+        problems += [_unknown_key(f"aurora.{k}", k, known) for k in aurora if k not in known]
+    elif aurora is not None:
+        problems.append(f"aurora: expected a mapping of adapter settings (or null), got {aurora!r}")
+    datasets = node.get("datasets")
+    if isinstance(datasets, DictConfig):
+        builders = registry.mapping["builder_name_mapping"]
+        for name, ds in datasets.items():
+            if name not in builders:
+                problems.append(_unknown(f"datasets.{name}", name, builders, what="dataset builder"))
+                continue
+            if not isinstance(ds, DictConfig):
+                continue
+            problems += [_unknown_key(f"datasets.{name}.{k}", k, DATASET_KEYS) for k in ds if k not in DATASET_KEYS]
+            info = ds.get("build_info")
+            if isinstance(info, DictConfig):
+                problems += [_unknown_key(f"datasets.{name}.build_info.{k}", k, BUILD_INFO_KEYS)
+                             for k in info if k not in BUILD_INFO_KEYS]
+                anns = info.get("annotations")
+                if isinstance(anns, DictConfig):
+                    for split, ann in anns.items():
+                        if isinstance(ann, DictConfig):
+                            problems += [_unknown_key(f"datasets.{name}.build_info.annotations.{split}.{k}",
+                                                      k, SPLIT_KEYS) for k in ann if k not in SPLIT_KEYS]
+    if problems:
+        raise RecipeError(f"{source}: " + "; ".join(problems))
+
+
+def check_model_keys(model: DictConfig, arch: str) -> None:
+    known = MODEL_KEYS | build_settings(arch)
+    problems = [_unknown_key(f"model.{k}", k, known) for k in model if k not in known]
+    if problems:
+        raise RecipeError("; ".join(problems))
+    if model.get("vit_type", "base") != "base":
+        raise RecipeError(f"model.vit_type {model.vit_type!r} is not supported: the offline builder builds "
+                          "LAVIS's ViT 'base' (use size/vision_width/vision_depth to change it)")
+    if model.get("size", "base") not in ("base", "tiny"):
+        raise RecipeError(f"model.size must be 'base' or 'tiny', got {model.size!r}")
+
+
+def build_settings(arch: str) -> set[str]:
+    """Model keys `build_blip` accepts as overrides for `arch` (LAVIS yaml, ViT and med_config keys)."""
+    from ..integrations.lavis import ARCHITECTURES, _resolve_spec
+
+    spec = _resolve_spec(arch, ARCHITECTURES[arch][0], "base", None, {})
+    keys = {k for part in spec.values() for k in part} - {"encoder_width", "model_type"}
+    return keys
+
+
+def _unknown_key(label: str, key: Any, known: Iterable[str]) -> str:
+    close = difflib.get_close_matches(str(key), sorted(known), 1)
+    return f"unknown key {label!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
+
+
+def _unknown(label: str, value: Any, known: Iterable[str], what: str = "name") -> str:
+    known = sorted(known)
+    close = difflib.get_close_matches(str(value), known, 1)
+    hint = f"did you mean {close[0]!r}?" if close else f"known: {', '.join(known)}"
+    return f"{label}: unknown {what} {value!r} ({hint})"
+
+
+def to_plain(value: Any) -> Any:
+    """OmegaConf containers to plain Python (other values unchanged)."""
+    if isinstance(value, (DictConfig, ListConfig)):
+        return OmegaConf.to_container(value, resolve=True)
+    return value

@@ -1,0 +1,154 @@
+"""``train()``: LAVIS's train.py with the model built offline and wrapped by Aurora.
+
+The steps are LAVIS's (``lavis/train.py``): config → distributed init → seeds → logger → task →
+datasets → model → runner → ``runner.train()``. Only the model step differs (``build_model``: our
+offline builder, ``load_checkpoint`` with a key report, ``wrap_blip``), the runner is ``AuroraRunner``
+(checkpointing, resume, CPU), and the data are checked up front.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from . import checkpoints as ckpt
+from .recipe import Recipe, RecipeError, load_recipe
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    weights_dir: Path | None  # the adapter (or, without aurora:, the trained weights) used for the test
+    plot: Path | None
+    history: list[dict[str, Any]]  # one row per epoch: train_loss, val_/test_ metrics
+    final: dict[str, Any] | None  # the final test metrics, "test_<name>"
+    parameter_report: dict[str, Any] | None
+    model: nn.Module = field(repr=False)  # as after the final evaluation (best weights loaded)
+    resumed_from: Path | None = None
+
+    @property
+    def main_metric(self) -> float | None:
+        return (self.final or {}).get("test_agg_metrics")
+
+
+def train(cfg_path: str | Path, options: Sequence[str] | None = None, *, resume: bool = False,
+          quiet: bool = False, epoch_callback: Callable[[dict[str, Any], int], None] | None = None) -> TrainResult:
+    """Train (and evaluate) one recipe; ``resume`` continues from the run's latest checkpoint.
+
+    ``quiet`` leaves out the parameter table and the summary; ``epoch_callback(row, max_epoch)`` is called
+    on the main process after each epoch's checkpoint with that epoch's metrics (``train_loss``,
+    ``val_agg_metrics``, ...).
+
+    Runs in this process, or in each process of a ``torchrun`` launch (``RANK``/``WORLD_SIZE`` set).
+    Raises ``RecipeError``/``DataError``/``ResumeError`` with the offending key, file or difference
+    before anything is trained or written.
+    """
+    from lavis.common.logger import setup_logger
+    from lavis.common.registry import registry
+
+    from .data import check_datasets
+    from .lavis_env import distributed, setup_seeds
+    from .model import build_model
+    from .runner import AuroraRunner
+
+    recipe = load_recipe(cfg_path, options)
+    run_cfg = recipe.run_cfg
+    output_dir = Path(str(run_cfg.output_dir)).expanduser().absolute()
+    run_cfg.output_dir = str(output_dir)
+    resume_from = _resume_source(recipe, output_dir, resume)
+    with distributed(run_cfg):
+        from lavis.common.dist_utils import is_main_process
+        from lavis import tasks
+
+        setup_seeds(run_cfg)
+        setup_logger()
+        recipe.cfg.pretty_print()
+        check_datasets(recipe.cfg.datasets_cfg, registry.get_path("cache_root"))
+        task = tasks.setup_task(recipe.cfg)
+        datasets = task.build_datasets(recipe.cfg)
+        model, _, _ = build_model(recipe)
+        main = is_main_process()
+        report = _report(model, quiet or not main)
+        if recipe.adapter:
+            adapter = Path(recipe.adapter)
+            ckpt.check_adapter_config(adapter, recipe.aurora.to_dict() if recipe.aurora else None)
+            model.load_adapter(adapter)
+            print(f"loaded the adapter {adapter}")
+        for key in ("output_dir", "result_dir"):  # LAVIS registers these once per process
+            registry.mapping["paths"].pop(key, None)
+        runner = AuroraRunner(cfg=recipe.cfg, task=task, model=model, datasets=datasets, job_id="",
+                              fingerprint=recipe.fingerprint(), resume_from=resume_from,
+                              title=f"{recipe.path.stem}: {recipe.arch}")
+        runner.epoch_callback = epoch_callback
+        if main:
+            (output_dir / "recipe.yaml").write_text(_dump(recipe.raw))
+        runner.train()
+        result = TrainResult(output_dir=output_dir, weights_dir=runner.final_weights, plot=runner.plot_path,
+                             history=runner.history, final=runner.final, parameter_report=report,
+                             model=runner.unwrap_dist_model(runner.model), resumed_from=resume_from)
+    if main and not quiet:
+        _print_summary(result)
+    return result
+
+
+def _resume_source(recipe: Recipe, output_dir: Path, resume: bool) -> Path | None:
+    """The checkpoint to resume from; refuses to start over a run that has checkpoints (nothing is lost)."""
+    store = ckpt.CheckpointStore(output_dir)
+    explicit = recipe.run_cfg.get("resume_ckpt_path")
+    if explicit:
+        source = Path(str(explicit))
+    elif resume:
+        source = store.latest()
+        if source is None:
+            print(f"--resume: no checkpoint in {store.root} yet; starting from the beginning")
+            return None
+    else:
+        if store.latest() is not None and not recipe.run_cfg.get("evaluate", False):
+            raise RecipeError(f"{output_dir} already holds a run (checkpoints up to {store.latest().name}); "
+                              "pass --resume to continue it, or set run.output_dir to a new directory")
+        return None
+    state = ckpt.load_state(source)  # check before anything runs: readable, same configuration
+    ckpt.check_fingerprint(source, state.get("fingerprint"), recipe.fingerprint())
+    if int(os.environ.get("RANK", 0)) == 0:
+        store.clean_temporaries()
+    return source
+
+
+def _report(model: nn.Module, quiet: bool) -> dict[str, Any] | None:
+    from ..model import AuroraModel
+    from ..report import format_report
+
+    if not isinstance(model, AuroraModel):
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        print(f"full fine-tuning (no aurora: section): {trainable:,} trainable parameters")
+        return None
+    report = model.parameter_report()
+    if not quiet:
+        print(format_report(report))
+    return report
+
+
+def _dump(data: dict[str, Any]) -> str:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_yaml(OmegaConf.create(data))
+
+
+def _print_summary(result: TrainResult) -> None:
+    print(f"output: {result.output_dir}")
+    if result.final:
+        metrics = {k: v for k, v in result.final.items() if k != "epoch"}
+        print("final evaluation (" + str(result.final.get("epoch")) + "): "
+              + ", ".join(f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()))
+    if result.weights_dir:
+        print(f"weights: {result.weights_dir}")
+    if result.plot:
+        print(f"plot: {result.plot}")

@@ -1,0 +1,379 @@
+"""Shared pieces of the benchmarks: setting each fine-tuning method up on a LAVIS BLIP model and tearing
+it down again (so one model instance serves every method, and methods can be interleaved round by round),
+memory probes, inputs and statistics.
+
+Methods (``Method.kind``):
+
+- ``frozen``  the floor. Every base weight frozen; the task heads of the preset (retrieval: ``itm_head``,
+              ``vision_proj``, ``text_proj``; VQA: none) train, and the hidden states entering every
+              *multimodal* text stack (the ITM pass of the text encoder, the VQA encoder and decoder) are
+              made to require grad, so backward runs through every layer that an adapter on the text
+              cross-attention must back-propagate through — activations only, no base-weight gradients.
+              It is Aurora's step with a zero-cost adapter.
+- ``heads``   only the task heads train (no backward through the encoders).
+- ``aurora``  ``wrap_blip(model, preset, **options)``.
+- ``lora``    peft 0.13.2 ``LoraConfig`` on exactly Aurora's targets (found with Aurora's own matcher), and on
+              their momentum twins (frozen; LAVIS's momentum update zips parameters by position, so the
+              twins must carry the same LoRA parameters — they then follow an EMA of the online LoRA, as
+              Aurora's momentum factors do). The heads train as for Aurora.
+- ``full``    every online parameter trains (the momentum copies stay frozen, as in LAVIS).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import gc
+import io
+import logging
+import os
+import re
+import statistics
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    from aurora_pet.config import AuroraConfig
+    from aurora_pet.integrations.lavis import momentum_pairs, wrap_blip
+    from aurora_pet.model import AuroraModel, find_targets
+    from aurora_pet.presets import get_preset
+
+RESULTS = Path(__file__).with_name("results")
+
+
+# -- methods ---------------------------------------------------------------------------------------
+
+@dataclass
+class Method:
+    name: str
+    kind: str  # frozen | heads | aurora | lora | full
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Active:
+    """A method installed on a model: what to call, what to optimise, how to undo it."""
+
+    method: Method
+    call: nn.Module
+    trainable: list[nn.Parameter]
+    teardown: Callable[[], None]
+    aurora: AuroraModel | None = None
+    peft: Any = None
+
+    def save(self, path: Path) -> int:
+        """Write the method's adapter file; bytes of the weights file."""
+        if self.aurora is not None:
+            self.aurora.save_pretrained(path)
+        elif self.peft is not None:
+            self.peft.save_pretrained(str(path))
+        else:
+            raise ValueError(f"{self.method.name} has no adapter file")
+        return (Path(path) / "adapter_model.safetensors").stat().st_size
+
+
+def arch_of(model: nn.Module) -> str:
+    from aurora_pet.integrations.lavis import architecture_of
+
+    return architecture_of(model)
+
+
+def heads_of(model: nn.Module, preset: str = "cross-attention") -> list[str]:
+    return list(get_preset(f"{arch_of(model)}/{preset}").modules_to_save)
+
+
+def momentum_prefixes(model: nn.Module) -> list[str]:
+    return [tracking for _, tracking in momentum_pairs(model)]
+
+
+def _set_heads(model: nn.Module, heads: Sequence[str]) -> list[nn.Parameter]:
+    modules = dict(model.named_modules())
+    params = []
+    for name in heads:
+        for parameter in modules[name].parameters():
+            parameter.requires_grad_(True)
+            params.append(parameter)
+    return params
+
+
+def _freeze(model: nn.Module) -> None:
+    model.requires_grad_(False)
+
+
+def setup(model: nn.Module, method: Method) -> Active:
+    """Install `method` on `model` (all parameters frozen beforehand, as `teardown` leaves them)."""
+    _freeze(model)
+    opts = dict(method.options)
+    if method.kind == "frozen":
+        handles = _floor_hooks(model)
+        trainable = _set_heads(model, heads_of(model, opts.get("preset", "cross-attention")))
+
+        def teardown() -> None:
+            for handle in handles:
+                handle.remove()
+            _freeze(model)
+
+        return Active(method, model, trainable, teardown)
+    if method.kind == "heads":
+        heads = opts.get("heads") or heads_of(model, opts.get("preset", "cross-attention"))
+        trainable = _set_heads(model, heads)
+        return Active(method, model, trainable, lambda: _freeze(model))
+    if method.kind == "full":
+        skip = momentum_prefixes(model)
+        trainable = []
+        for name, parameter in model.named_parameters():
+            if not any(name == p or name.startswith(p + ".") for p in skip):
+                parameter.requires_grad_(True)
+                trainable.append(parameter)
+        return Active(method, model, trainable, lambda: _freeze(model))
+    if method.kind == "aurora":
+        return _setup_aurora(model, method, opts)
+    if method.kind == "lora":
+        return _setup_lora(model, method, opts)
+    raise ValueError(f"unknown method kind {method.kind!r}")
+
+
+def _setup_aurora(model: nn.Module, method: Method, opts: dict[str, Any]) -> Active:
+    preset = opts.pop("preset", "cross-attention")
+    merged = opts.pop("merged", False)
+    randomise = opts.pop("randomise", False)
+    decoder = getattr(model, "text_decoder", None)
+    use_cache = decoder.config.use_cache if decoder is not None else None
+    aurora = wrap_blip(model, preset, **opts)
+    if randomise:  # a trained-looking adapter (V ≠ 0, ICE/GQT ≠ 0): outputs differ from the base model
+        generator = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            for parameter in list(aurora.aurora_factors.parameters()) + list(aurora.aurora_fusion.parameters()):
+                parameter.add_(0.02 * torch.randn(parameter.shape, generator=generator))
+    if merged:
+        aurora.merge()
+    trainable = [p for p in aurora.parameters() if p.requires_grad]
+
+    def teardown() -> None:
+        if aurora.merged:
+            aurora.unmerge()
+        aurora.unload()
+        model.__dict__.pop("_momentum_update", None)  # wrap_blip's chained momentum update
+        if decoder is not None:
+            decoder.config.use_cache = use_cache
+        _freeze(model)
+
+    return Active(method, aurora, trainable, teardown, aurora=aurora)
+
+
+def aurora_targets(model: nn.Module, preset: str = "cross-attention") -> list[str]:
+    """The online modules Aurora adapts under `preset`, by Aurora's own matcher."""
+    config = AuroraConfig.from_preset(f"{arch_of(model)}/{preset}")
+    exclude = momentum_prefixes(model)
+    return [name for name, _ in find_targets(model, config, exclude=exclude)]
+
+
+def lora_targets(model: nn.Module, preset: str = "cross-attention") -> tuple[list[str], list[str]]:
+    """(online targets, their momentum twins): Aurora's targets, and the twins LAVIS pairs them with."""
+    online = aurora_targets(model, preset)
+    twins = []
+    for source, tracking in momentum_pairs(model):
+        twins += [tracking + name[len(source):] for name in online if name.startswith(source + ".")]
+    return online, twins
+
+
+def _setup_lora(model: nn.Module, method: Method, opts: dict[str, Any]) -> Active:
+    from peft import LoraConfig, get_peft_model
+
+    preset = opts.get("preset", "cross-attention")
+    rank = opts.get("rank", 8)
+    online, twins = lora_targets(model, preset)
+    config = LoraConfig(r=rank, lora_alpha=opts.get("alpha", 2 * rank), lora_dropout=opts.get("dropout", 0.1),
+                        target_modules=online + twins)
+    logging.getLogger("peft").setLevel(logging.ERROR)
+    peft_model = get_peft_model(model, config)
+    for name, parameter in model.named_parameters():
+        if "lora_" in name:
+            parameter.requires_grad_(not any(name.startswith(t + ".") for t in twins))
+    heads = opts.get("heads", heads_of(model, preset))
+    _set_heads(model, heads)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+
+    def teardown() -> None:
+        peft_model.unload()
+        model.__dict__.pop("peft_config", None)
+        _freeze(model)
+
+    return Active(method, peft_model, trainable, teardown, peft=peft_model)
+
+
+def _floor_hooks(model: nn.Module) -> list[Any]:
+    """Make the hidden states entering each multimodal BERT stack require grad (see the module doc)."""
+    from lavis.models.med import BertEncoder
+
+    def pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> Any:
+        if not torch.is_grad_enabled() or kwargs.get("encoder_hidden_states") is None:
+            return None
+        if kwargs.get("mode", "multimodal") != "multimodal":
+            return None
+        hidden = args[0] if args else kwargs["hidden_states"]
+        if hidden.requires_grad:
+            return None
+        hidden = hidden.detach().requires_grad_(True)
+        if args:
+            return (hidden,) + tuple(args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": hidden}
+
+    return [m.register_forward_pre_hook(pre_hook, with_kwargs=True) for m in model.modules()
+            if isinstance(m, BertEncoder)]
+
+
+def count(parameters: Sequence[nn.Parameter]) -> int:
+    return sum(p.numel() for p in parameters)
+
+
+def make_optimizer(parameters: Sequence[nn.Parameter], lr: float = 1e-5, weight_decay: float = 0.05):
+    """AdamW as LAVIS's runner uses it (None when nothing trains)."""
+    parameters = list(parameters)
+    return torch.optim.AdamW(parameters, lr=lr, weight_decay=weight_decay) if parameters else None
+
+
+# -- inputs ----------------------------------------------------------------------------------------
+
+CAPTIONS = ["a red circle on the left of a blue square", "two green triangles above a yellow star",
+            "a small purple square in the middle", "a big orange circle next to a white triangle"]
+QUESTIONS = ["what color is the circle", "how many triangles are there", "where is the square",
+             "what shape is on the left"]
+ANSWERS = [["red", "blue"], ["two", "2"], ["middle", "center"], ["circle", "square"]]
+
+
+def retrieval_samples(batch: int, image_size: int, seed: int = 0) -> dict[str, Any]:
+    generator = torch.Generator().manual_seed(seed)
+    return {"image": torch.randn(batch, 3, image_size, image_size, generator=generator),
+            "text_input": [CAPTIONS[i % len(CAPTIONS)] for i in range(batch)],
+            "image_id": torch.arange(batch), "epoch": 0, "iters": 0, "num_iters_per_epoch": 100}
+
+
+def vqa_samples(batch: int, image_size: int, seed: int = 0) -> dict[str, Any]:
+    generator = torch.Generator().manual_seed(seed)
+    answers = [a for i in range(batch) for a in ANSWERS[i % len(ANSWERS)]]
+    return {"image": torch.randn(batch, 3, image_size, image_size, generator=generator),
+            "text_input": [QUESTIONS[i % len(QUESTIONS)] for i in range(batch)],
+            "answer": answers, "weight": torch.full((len(answers),), 0.5),
+            "n_answers": torch.full((batch,), 2, dtype=torch.long)}
+
+
+def samples_for(arch: str, batch: int, image_size: int, seed: int = 0) -> dict[str, Any]:
+    return (retrieval_samples if arch == "blip_retrieval" else vqa_samples)(batch, image_size, seed)
+
+
+# -- memory ----------------------------------------------------------------------------------------
+
+_LIBC = None
+
+
+def release_memory() -> None:
+    """Collect garbage and hand free heap pages back to the OS, so RSS is what is live."""
+    global _LIBC
+    gc.collect()
+    try:
+        _LIBC = _LIBC or ctypes.CDLL("libc.so.6")
+        _LIBC.malloc_trim(0)
+    except OSError:  # not glibc
+        pass
+
+
+def exact_rss() -> bool:
+    """Make RSS follow live memory exactly: glibc serves every allocation of 64 KiB or more with its own
+    mmap, returned to the OS on free (no heap fragmentation carried from one method to the next).
+    Irreversible for the process (the dynamic threshold stays off), so call it after all timings."""
+    global _LIBC
+    try:
+        _LIBC = _LIBC or ctypes.CDLL("libc.so.6")
+        return bool(_LIBC.mallopt(-3, 64 * 1024)) and bool(_LIBC.mallopt(-1, 128 * 1024))  # MMAP_, TRIM_THRESHOLD
+    except (OSError, AttributeError):
+        return False
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as handle:
+        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def reset_peak_rss() -> bool:
+    """Reset the kernel's high-water mark of this process's RSS (VmHWM); Linux ≥ 4.0."""
+    try:
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def cpu_counters() -> tuple[float, float]:
+    """(seconds of CPU the whole machine has been busy, seconds of CPU this process has used)."""
+    with open("/proc/stat") as handle:
+        fields = [int(v) for v in handle.readline().split()[1:]]
+    tick = os.sysconf("SC_CLK_TCK")
+    busy = sum(fields) - fields[3] - fields[4]  # everything but idle and iowait
+    return busy / tick, sum(os.times()[:2])
+
+
+def other_load(start: tuple[float, float], end: tuple[float, float], wall: float) -> float:
+    """Average number of cores other processes kept busy between two `cpu_counters()` readings."""
+    return max(0.0, ((end[0] - start[0]) - (end[1] - start[1])) / wall) if wall > 0 else 0.0
+
+
+def peak_rss_bytes() -> int:
+    with open("/proc/self/status") as handle:
+        return int(re.search(r"VmHWM:\s+(\d+)\s+kB", handle.read()).group(1)) * 1024
+
+
+# -- statistics and output -------------------------------------------------------------------------
+
+def median(values: Sequence[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def spread(values: Sequence[float]) -> tuple[float, float]:
+    return (min(values), max(values)) if values else (float("nan"), float("nan"))
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    if not values:
+        return float("nan"), float("nan")
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def rotated(items: Sequence[Any], shift: int) -> list[Any]:
+    shift %= max(len(items), 1)
+    return list(items[shift:]) + list(items[:shift])
+
+
+@contextlib.contextmanager
+def quiet() -> Iterator[None]:
+    """Silence LAVIS / peft chatter (prints and warnings) inside benchmarks."""
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        yield
+
+
+def machine() -> dict[str, Any]:
+    import platform
+
+    model = ""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    return {"cpu": model, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__, "python": platform.python_version()}

@@ -1,0 +1,563 @@
+"""Cost of fine-tuning BLIP with Aurora against the frozen model, LoRA (peft) and full fine-tuning.
+
+Measured on LAVIS's real BLIP architectures with random weights, on the CPU:
+
+- training step: ``model(samples)`` — LAVIS's own training forward (retrieval: ITC with momentum encoders
+  and queues + ITM with hard negatives; VQA: encoder + answer decoder) — then ``loss.backward()``,
+  ``AdamW.step()``, ``zero_grad(set_to_none=True)``. Methods run interleaved, round by round (the order
+  rotates every round), on one model instance that each method is installed on and removed from again;
+  after a warm-up step (which also allocates the optimiser state) a few steps are timed. Ratios are
+  taken within each round and the median over rounds is reported, so slow drifts of a shared 2-core
+  machine cancel out.
+- peak memory: the kernel's high-water mark of the process's resident set (VmHWM), reset through
+  ``/proc/self/clear_refs`` right before the timed steps and read after them; before each method the
+  heap is collected and trimmed (``malloc_trim``), so what is resident is the model plus the method's
+  own state. Torch's CPU allocator takes its memory from malloc, so RSS sees every tensor (weights,
+  gradients, AdamW moments, activations) — ``tracemalloc`` does not. Reported: the peak, and the peak
+  minus the resident size before the method was installed (what training adds on top of the model),
+  from the round with the smallest peak: memory a previous method leaves in the heap (fragmentation
+  after full fine-tuning's optimiser state) can only inflate RSS, and as the order rotates every
+  method runs before full fine-tuning in some round.
+- inference: retrieval ITM scoring of image-text pairs (ViT + multimodal text encoder + ITM head) and
+  ITM re-ranking over cached image features (the multimodal text encoder alone, where the adapters are);
+  VQA answer scoring (encoder + teacher-forced decoder). ``torch.no_grad()``, eval mode.
+- adapter files: ``save_pretrained`` (Aurora's and peft's), bytes of ``adapter_model.safetensors``.
+
+Run ``python -m benchmarks.cost`` (BLIP-base) or ``python -m benchmarks.cost --quick`` (tiny models, a
+smoke test; its BLIP-base adapter sizes are real, its timings mean nothing). See BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import _harness as H
+
+ARCHS = {"retrieval": ("blip_retrieval", "coco"), "vqa": ("blip_vqa", "vqav2")}
+
+
+def training_methods(rank: int = 64, lora_rank: int = 8, dropout: float = 0.1) -> list[H.Method]:
+    aurora = {"rank": rank, "dropout": dropout}
+    return [
+        H.Method("frozen (floor)", "frozen"),
+        H.Method(f"aurora cp R={rank}", "aurora", {**aurora, "core": "cp", "ice": False, "gqt": False}),
+        H.Method(f"aurora cp R={rank} +ICE/GQT", "aurora", {**aurora, "core": "cp", "ice": True, "gqt": True}),
+        H.Method(f"aurora tucker R={rank}", "aurora", {**aurora, "core": "tucker", "ice": False, "gqt": False}),
+        H.Method(f"aurora tucker R={rank} +ICE/GQT", "aurora",
+                 {**aurora, "core": "tucker", "ice": True, "gqt": True}),
+        H.Method(f"lora r={lora_rank} (peft)", "lora", {"rank": lora_rank, "dropout": dropout}),
+        H.Method("full fine-tuning", "full"),
+    ]
+
+
+def inference_methods(rank: int = 64, lora_rank: int = 8) -> list[H.Method]:
+    aurora = {"rank": rank, "core": "cp", "randomise": True}
+    return [
+        H.Method("base", "frozen_eval"),
+        H.Method(f"aurora cp R={rank} unmerged", "aurora", {**aurora, "ice": False, "gqt": False}),
+        H.Method(f"aurora cp R={rank} merged", "aurora", {**aurora, "ice": False, "gqt": False, "merged": True}),
+        H.Method(f"aurora cp R={rank} +ICE/GQT unmerged", "aurora", {**aurora, "ice": True, "gqt": True}),
+        H.Method(f"aurora cp R={rank} +ICE/GQT merged", "aurora",
+                 {**aurora, "ice": True, "gqt": True, "merged": True}),
+        H.Method(f"lora r={lora_rank} (peft) unmerged", "lora", {"rank": lora_rank}),
+    ]
+
+
+def build(arch: str, size: str, image_size: int | None) -> torch.nn.Module:
+    """LAVIS BLIP with random weights. `wrap_blip` switches LAVIS's fairscale ViT checkpointing to PyTorch's
+    non-reentrant form and leaves it so; it is done here up front so that every method runs the same ViT."""
+    from aurora_pet.integrations import lavis
+
+    torch.manual_seed(0)
+    name, model_type = ARCHS[arch]
+    with H.quiet():
+        model = lavis.build_blip(name, model_type, size=size, image_size=image_size)
+    lavis._checkpoint_without_reentry(model)
+    return model
+
+
+def _install(model: torch.nn.Module, method: H.Method) -> H.Active:
+    if method.kind == "frozen_eval":
+        return H.Active(method, model, [], lambda: None)
+    with H.quiet():
+        return H.setup(model, method)
+
+
+# -- training ------------------------------------------------------------------------------------------
+
+def bench_training(model: torch.nn.Module, step: Callable[..., None], methods: Sequence[H.Method], rounds: int,
+                   steps: int, warmup: int = 1, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Time `step(call, optimizer, seed)` for every method, interleaved round by round."""
+    model.train()
+    names = [m.name for m in methods]
+    cpu: dict[str, list[list[float]]] = {n: [] for n in names}
+    wall: dict[str, list[list[float]]] = {n: [] for n in names}
+    load: list[float] = []
+    trainable: dict[str, int] = {}
+    for round_index in range(rounds):
+        for method in H.rotated(methods, round_index):
+            H.release_memory()
+            active = _install(model, method)
+            active.call.train()  # new modules (Aurora's wrapper, peft's dropouts) follow the model's mode
+            trainable[method.name] = H.count(active.trainable)
+            optimizer = H.make_optimizer(active.trainable)
+            for seed in range(warmup):
+                step(active.call, optimizer, seed)
+            round_cpu, round_wall = [], []
+            for seed in range(warmup, warmup + steps):
+                counters, start_cpu, start = H.cpu_counters(), time.process_time(), time.perf_counter()
+                step(active.call, optimizer, seed)
+                round_wall.append(time.perf_counter() - start)
+                round_cpu.append(time.process_time() - start_cpu)
+                load.append(H.other_load(counters, H.cpu_counters(), round_wall[-1]))
+            cpu[method.name].append(round_cpu)
+            wall[method.name].append(round_wall)
+            del optimizer
+            active.teardown()
+            del active
+            log(f"  round {round_index + 1}/{rounds} {method.name:<32} cpu {H.median(round_cpu):7.3f} s/step  "
+                f"wall {H.median(round_wall):7.3f}  other load {load[-1]:.1f}")
+    return {"cpu": cpu, "wall": wall, "trainable": trainable, "other_load": load}
+
+
+def bench_memory(model: torch.nn.Module, step: Callable[..., None], methods: Sequence[H.Method],
+                 log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Peak RSS of a training step per method: one warm-up step (it allocates the optimiser state), then
+    the high-water mark is reset and one more step is measured. Runs with glibc's mmap threshold fixed
+    at 64 KiB (``H.exact_rss``), so every freed tensor leaves the resident set at once and the next
+    method starts from the model alone; this is why it runs last, after every timing."""
+    H.exact_rss()
+    model.train()
+    peaks, added = {}, {}
+    for method in methods:
+        H.release_memory()
+        before = H.rss_bytes()
+        active = _install(model, method)
+        active.call.train()
+        optimizer = H.make_optimizer(active.trainable)
+        step(active.call, optimizer, 0)
+        H.reset_peak_rss()
+        step(active.call, optimizer, 1)
+        peaks[method.name] = H.peak_rss_bytes()
+        added[method.name] = peaks[method.name] - before
+        del optimizer
+        active.teardown()
+        del active
+        log(f"  memory {method.name:<32} peak {peaks[method.name] / 2**30:6.2f} GiB  "
+            f"(+{added[method.name] / 2**30:.2f} over the resident model)")
+    return {"peak_rss": peaks, "added_rss": added, "resident_model": H.rss_bytes()}
+
+
+def lavis_step(samples: dict[str, Any]) -> Callable[..., None]:
+    """LAVIS's own training forward, ``model(samples).loss``, then backward and AdamW."""
+
+    def step(call: torch.nn.Module, optimizer: torch.optim.Optimizer | None, seed: int) -> None:
+        torch.manual_seed(seed)  # the same hard negatives / dropout masks for every method
+        loss = call(dict(samples)).loss
+        loss.backward()
+        _optimise(optimizer)
+
+    return step
+
+
+def itm_step(model: torch.nn.Module, batch: int, image_tokens: int) -> Callable[..., None]:
+    """Only retrieval's ITM passes, where the cross-attention adapters are: the multimodal text encoder
+    over a positive batch and a twice as large negative batch of (fixed, random) image features, the ITM
+    head and its cross-entropy, backward and AdamW. No ViT, momentum encoders or queues."""
+    tokenizer = model.tokenizer
+    texts = [H.CAPTIONS[i % len(H.CAPTIONS)] for i in range(3 * batch)]
+    text = tokenizer(texts, padding="max_length", truncation=True, max_length=model.max_txt_len, return_tensors="pt")
+    ids = text.input_ids.clone()
+    ids[:, 0] = tokenizer.enc_token_id
+    width = model.visual_encoder.embed_dim if hasattr(model.visual_encoder, "embed_dim") else 768
+    images = torch.randn(3 * batch, image_tokens, width, generator=torch.Generator().manual_seed(0))
+    labels = torch.cat([torch.ones(batch, dtype=torch.long), torch.zeros(2 * batch, dtype=torch.long)])
+
+    def step(call: torch.nn.Module, optimizer: torch.optim.Optimizer | None, seed: int) -> None:
+        torch.manual_seed(seed)
+        cls = []
+        for part in (slice(0, batch), slice(batch, 3 * batch)):  # LAVIS's positive and negative passes
+            out = model.text_encoder(ids[part], attention_mask=text.attention_mask[part],
+                                     encoder_hidden_states=images[part],
+                                     encoder_attention_mask=torch.ones(images[part].shape[:-1], dtype=torch.long),
+                                     return_dict=True)
+            cls.append(out.last_hidden_state[:, 0, :])
+        loss = torch.nn.functional.cross_entropy(model.itm_head(torch.cat(cls)), labels)
+        loss.backward()
+        _optimise(optimizer)
+
+    return step
+
+
+def _optimise(optimizer: torch.optim.Optimizer | None) -> None:
+    if optimizer is not None:
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+
+# -- inference -----------------------------------------------------------------------------------------
+
+def inference_workloads(arch: str, model: torch.nn.Module, samples: dict[str, Any],
+                        rerank_batch: int = 0) -> dict[str, Callable[[], Any]]:
+    """What is timed in inference: LAVIS's VQA answer scoring, or retrieval's ITM scoring of the batch's
+    image-text pairs with and without the ViT (re-ranking reuses image features, as LAVIS's
+    `compute_sim_matrix` does), and optionally re-ranking `rerank_batch` pairs per call."""
+    if arch == "vqa":
+        return {"VQA answer scoring (encoder + decoder)": lambda: model(dict(samples)).loss}
+    tokenizer = model.tokenizer
+    batch = samples["image"].shape[0]
+
+    def tokens(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        text = tokenizer([H.CAPTIONS[i % len(H.CAPTIONS)] for i in range(n)], padding="max_length",
+                         truncation=True, max_length=model.max_txt_len, return_tensors="pt")
+        ids = text.input_ids.clone()
+        ids[:, 0] = tokenizer.enc_token_id
+        return ids, text.attention_mask
+
+    with torch.no_grad():
+        cached = model.visual_encoder.forward_features(samples["image"])
+
+    def itm(ids: torch.Tensor, mask: torch.Tensor, image_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        if image_embeds is None:
+            image_embeds = model.visual_encoder.forward_features(samples["image"])
+        atts = torch.ones(image_embeds.shape[:-1], dtype=torch.long)
+        out = model.text_encoder(ids, attention_mask=mask, encoder_hidden_states=image_embeds,
+                                 encoder_attention_mask=atts, return_dict=True)
+        return model.itm_head(out.last_hidden_state[:, 0, :])
+
+    ids, mask = tokens(batch)
+    workloads = {f"ITM scoring, {batch} pairs (ViT + text encoder)": lambda: itm(ids, mask),
+                 f"ITM re-rank, {batch} pairs (cached image features)": lambda: itm(ids, mask, cached)}
+    if rerank_batch:
+        many_ids, many_mask = tokens(rerank_batch)
+        many = cached[torch.arange(rerank_batch) % batch]
+        workloads[f"ITM re-rank, {rerank_batch} pairs (cached image features)"] = lambda: itm(many_ids, many_mask, many)
+    return workloads
+
+
+def bench_inference(arch: str, model: torch.nn.Module, samples: dict[str, Any], methods: Sequence[H.Method],
+                    rounds: int, steps: int, rerank_batch: int = 0,
+                    log: Callable[[str], None] = print) -> dict[str, Any]:
+    model.eval()
+    workloads = inference_workloads(arch, model, samples, rerank_batch)
+    cpu = {w: {m.name: [] for m in methods} for w in workloads}
+    wall = {w: {m.name: [] for m in methods} for w in workloads}
+    outputs: dict[str, dict[str, torch.Tensor]] = {w: {} for w in workloads}
+    load: list[float] = []
+    for round_index in range(rounds):
+        for method in H.rotated(methods, round_index):
+            active = _install(model, method)
+            active.call.eval()  # Aurora's and peft's adapter dropouts are new modules, in training mode
+            with torch.no_grad():
+                for workload, run in workloads.items():
+                    outputs[workload][method.name] = run().detach().clone()  # warm-up, and the output
+                    round_cpu, round_wall = [], []
+                    for _ in range(steps):
+                        counters, start_cpu, start = H.cpu_counters(), time.process_time(), time.perf_counter()
+                        run()
+                        round_wall.append(time.perf_counter() - start)
+                        round_cpu.append(time.process_time() - start_cpu)
+                        load.append(H.other_load(counters, H.cpu_counters(), round_wall[-1]))
+                    cpu[workload][method.name].append(round_cpu)
+                    wall[workload][method.name].append(round_wall)
+            active.teardown()
+            del active
+            H.release_memory()
+            log(f"  round {round_index + 1}/{rounds} {method.name:<36} "
+                + "  ".join(f"{H.median(cpu[w][method.name][-1]) * 1e3:8.1f} ms" for w in workloads))
+    # merged and unmerged must compute the same function (a check, not a timing)
+    agreement = {}
+    for workload, outs in outputs.items():
+        for name, out in outs.items():
+            if name.endswith(" merged"):
+                unmerged = outs.get(name[: -len(" merged")] + " unmerged")
+                if unmerged is not None:
+                    agreement[f"{workload}: {name}"] = float((out - unmerged).abs().max())
+    return {"cpu": cpu, "wall": wall, "merge_max_abs_diff": agreement, "other_load": load}
+
+
+# -- adapter files -------------------------------------------------------------------------------------
+
+def size_configs(arch: str, rank: int = 64, lora_rank: int = 8) -> list[H.Method]:
+    aurora = {"rank": rank}
+    configs = [
+        H.Method(f"aurora cp R={rank} +ICE/GQT +heads (preset default)", "aurora", {**aurora}),
+        H.Method(f"aurora cp R={rank} +heads", "aurora", {**aurora, "ice": False, "gqt": False}),
+        H.Method(f"aurora cp R={rank} +ICE/GQT, no heads", "aurora", {**aurora, "modules_to_save": []}),
+        H.Method(f"aurora cp R={rank}, no heads", "aurora",
+                 {**aurora, "ice": False, "gqt": False, "modules_to_save": []}),
+        H.Method(f"aurora tucker R={rank} +ICE/GQT +heads", "aurora", {**aurora, "core": "tucker"}),
+        H.Method(f"lora r={lora_rank} (peft save_pretrained)", "lora", {"rank": lora_rank}),
+    ]
+    if arch == "vqa":  # no heads in the VQA presets
+        configs = [c for c in configs if "no heads" not in c.name]
+        for config in configs:
+            config.name = config.name.replace(" +heads", "")
+    return configs
+
+
+def _groups(path: Path) -> dict[str, int]:
+    """Bytes of tensor data in a safetensors file, by group (factors, momentum factors, ICE/GQT, heads, LoRA)."""
+    from safetensors import safe_open
+
+    groups: dict[str, int] = {}
+    with safe_open(str(path), "pt") as handle:
+        for key in handle.keys():
+            tensor = handle.get_tensor(key)
+            if key.startswith("factors_m."):
+                group = "momentum factors"
+            elif key.startswith("factors."):
+                group = "factors"
+            elif key.startswith("fusion."):
+                group = "ICE/GQT"
+            elif key.startswith("heads."):
+                group = "heads"
+            elif "lora_" in key:
+                group = "LoRA momentum twins" if "_m." in key else "LoRA"
+            else:
+                group = "other"
+            groups[group] = groups.get(group, 0) + tensor.numel() * tensor.element_size()
+    return groups
+
+
+def bench_sizes(arch: str, model: torch.nn.Module, configs: Sequence[H.Method]) -> list[dict[str, Any]]:
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for index, config in enumerate(configs):
+            active = _install(model, config)
+            path = Path(tmp) / str(index)
+            with H.quiet():
+                size = active.save(path)
+            rows.append({"config": config.name, "trainable": H.count(active.trainable), "file_bytes": size,
+                         "groups": _groups(path / "adapter_model.safetensors")})
+            active.teardown()
+    skip = H.momentum_prefixes(model)
+    online = sum(p.numel() * p.element_size() for n, p in model.named_parameters()
+                 if not any(n == s or n.startswith(s + ".") for s in skip))
+    rows.append({"config": "full fine-tuning (online weights, fp32; not written)", "trainable": online // 4,
+                 "file_bytes": online, "groups": {}})
+    return rows
+
+
+# -- report ----------------------------------------------------------------------------------------
+
+def _ratios(times: dict[str, list[list[float]]], reference: str) -> dict[str, tuple[float, float, float]]:
+    """Median (min, max) over rounds of median(method step) / median(reference step) in the same round."""
+    result = {}
+    ref = [H.median(r) for r in times[reference]]
+    for name, rounds in times.items():
+        per_round = [H.median(r) / b for r, b in zip(rounds, ref)]
+        low, high = H.spread(per_round)
+        result[name] = (H.median(per_round), low, high)
+    return result
+
+
+def _fmt_ratio(value: tuple[float, float, float]) -> str:
+    mid, low, high = value
+    return f"{mid:.3f} ({low:.2f}–{high:.2f})"
+
+
+def training_table(result: dict[str, Any], memory: dict[str, Any] | None = None) -> str:
+    cpu, wall = result["cpu"], result["wall"]
+    names = list(cpu)
+    frozen = next(n for n in names if n.startswith("frozen"))
+    lora = next((n for n in names if n.startswith("lora")), None)
+    full = next((n for n in names if n.startswith("full")), None)
+    cpu_frozen, wall_frozen = _ratios(cpu, frozen), _ratios(wall, frozen)
+    cpu_lora = _ratios(cpu, lora) if lora else {}
+    peak = (memory or {}).get("peak_rss", {})
+    added = (memory or {}).get("added_rss", {})
+    rows = []
+    for name in names:
+        row = [name, f"{result['trainable'][name]:,}", f"{H.median(_flat(cpu[name])):.3f}",
+               f"{H.median(_flat(wall[name])):.3f}", _fmt_ratio(cpu_frozen[name]), _fmt_ratio(wall_frozen[name]),
+               _fmt_ratio(cpu_lora[name]) if lora else "–"]
+        if memory:
+            row += [f"{peak[name] / 2**30:.2f}", f"{added[name] / 2**30:.2f}",
+                    f"{peak[name] / peak[full]:.2f}" if full in peak else "–"]
+        rows.append(row)
+    header = ["method", "trainable", "CPU s/step", "wall s/step", "× frozen (CPU)", "× frozen (wall)", "× LoRA (CPU)"]
+    if memory:
+        header += ["peak RSS GiB", "added GiB", "peak × full"]
+    return H.markdown_table(header, rows)
+
+
+def _flat(rounds: list[list[float]]) -> list[float]:
+    return [t for r in rounds for t in r]
+
+
+def inference_table(result: dict[str, Any]) -> str:
+    parts = []
+    for workload, cpu in result["cpu"].items():
+        wall = result["wall"][workload]
+        cpu_ratio, wall_ratio = _ratios(cpu, "base"), _ratios(wall, "base")
+        rows = [[name, f"{H.median(_flat(cpu[name])) * 1e3:.1f}", f"{H.median(_flat(wall[name])) * 1e3:.1f}",
+                 _fmt_ratio(cpu_ratio[name]), _fmt_ratio(wall_ratio[name])] for name in cpu]
+        parts.append(f"{workload}\n\n" + H.markdown_table(
+            ["method", "CPU ms", "wall ms", "× base (CPU)", "× base (wall)"], rows))
+    return "\n\n".join(parts)
+
+
+def size_table(rows: list[dict[str, Any]]) -> str:
+    def kb(n: int) -> str:
+        return f"{n / 1e3:,.1f}"
+
+    table = [[r["config"], f"{r['trainable']:,}", kb(r["file_bytes"]),
+              ", ".join(f"{g} {kb(b)}" for g, b in r["groups"].items()) or "–"] for r in rows]
+    return H.markdown_table(["configuration", "trainable", "file kB", "tensor data by group (kB)"], table)
+
+
+def plot(results: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    archs = list(results["training"])
+    fig, axes = plt.subplots(1, len(archs), figsize=(5.5 * len(archs), 3.6), squeeze=False)
+    for ax, arch in zip(axes[0], archs):
+        times = results["training"][arch]["cpu"]
+        frozen = next(n for n in times if n.startswith("frozen"))
+        ratios = _ratios(times, frozen)
+        names = list(times)
+        values = [ratios[n][0] for n in names]
+        errors = [[ratios[n][0] - ratios[n][1] for n in names], [ratios[n][2] - ratios[n][0] for n in names]]
+        colors = ["#888888" if n.startswith("frozen") else "#1f77b4" if n.startswith("aurora")
+                  else "#ff7f0e" if n.startswith("lora") else "#d62728" for n in names]
+        ax.barh(range(len(names)), values, xerr=errors, color=colors, capsize=3)
+        ax.set_yticks(range(len(names)), names, fontsize=8)
+        ax.invert_yaxis()
+        ax.axvline(1.0, color="black", linewidth=0.8)
+        ax.axvline(1.05, color="black", linewidth=0.6, linestyle="--")
+        for i, (v, high) in enumerate(zip(values, [ratios[n][2] for n in names])):
+            ax.text(high, i, f"  {v:.2f}×", va="center", fontsize=7)
+        setting = results["settings"]
+        ax.set_title(f"{arch}: training step CPU time / frozen step\n(BLIP-{setting['size']}, {setting['image_size']} px, "
+                     f"batch {setting['batch']}, CPU)", fontsize=9)
+        ax.set_xlabel("ratio (median over rounds; bars: min–max)", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="tiny models, few repetitions (a smoke test)")
+    parser.add_argument("--arch", nargs="+", choices=list(ARCHS), default=list(ARCHS))
+    parser.add_argument("--image-size", type=int, default=None, help="default: 224 for base, 32 for tiny")
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 5; quick 2)")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps per method and round (default 1; quick 2)")
+    parser.add_argument("--rerank-batch", type=int, default=None,
+                        help="also time retrieval re-ranking of this many pairs per call (default 8; quick 0)")
+    parser.add_argument("--rank", type=int, default=64)
+    parser.add_argument("--lora-rank", type=int, default=8)
+    parser.add_argument("--skip", nargs="*", default=[], choices=["training", "itm", "inference", "sizes", "memory"])
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch intra-op threads (default 1: with other processes on the cores, OpenMP "
+                             "threads spin-wait for descheduled peers and 2-thread timings swing 10×)")
+    parser.add_argument("--out", type=Path, default=H.RESULTS)
+    parser.add_argument("--name", default=None, help="result file stem (default cost or cost_quick)")
+    parser.add_argument("--render", type=Path, default=None, metavar="JSON",
+                        help="only re-render the tables and plot of a saved result file")
+    args = parser.parse_args(argv)
+    if args.render:
+        results = json.loads(args.render.read_text())
+        report = render(results)
+        print(report)
+        args.render.with_suffix(".md").write_text(report + "\n")
+        if results["training"]:
+            plot(results, args.render.with_name(args.render.stem + "_step_time.png"))
+        return results
+
+    torch.set_num_threads(args.threads)
+    size = "tiny" if args.quick else "base"
+    image_size = args.image_size or (32 if args.quick else 224)
+    rounds = args.rounds or (2 if args.quick else 5)
+    steps = args.steps or (2 if args.quick else 1)
+    name = args.name or ("cost_quick" if args.quick else "cost")
+    args.out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    results: dict[str, Any] = {
+        "settings": {"size": size, "image_size": image_size, "batch": args.batch, "rounds": rounds, "steps": steps,
+                     "rank": args.rank, "lora_rank": args.lora_rank, "quick": args.quick,
+                     "threads": args.threads},
+        "machine": H.machine(), "training": {}, "inference": {}, "sizes": {}}
+    methods = training_methods(args.rank, args.lora_rank)
+    for arch in args.arch:
+        print(f"== {arch}: building BLIP-{size} ({image_size} px)", flush=True)
+        model = build(arch, size, image_size)
+        samples = H.samples_for(ARCHS[arch][0], args.batch, image_size)
+        if "training" not in args.skip:
+            results["training"][arch] = bench_training(model, lavis_step(samples), methods, rounds, steps)
+        if "itm" not in args.skip and arch == "retrieval":
+            print("== retrieval: ITM passes only", flush=True)
+            tokens = model.visual_encoder.patch_embed.num_patches + 1
+            results["training"]["retrieval ITM passes only"] = bench_training(
+                model, itm_step(model, args.batch, tokens), [m for m in methods if m.kind != "full"],
+                max(2, rounds - 1), steps)
+        if "inference" not in args.skip:
+            results["inference"][arch] = bench_inference(
+                arch, model, samples, inference_methods(args.rank, args.lora_rank), min(rounds, 3), max(steps, 2),
+                rerank_batch=0 if args.quick else (8 if args.rerank_batch is None else args.rerank_batch))
+        if "sizes" not in args.skip and not args.quick:
+            results["sizes"][arch] = bench_sizes(arch, model, size_configs(arch, args.rank, args.lora_rank))
+        del model
+        H.release_memory()
+    if "sizes" not in args.skip and args.quick:  # sizes are sizes: always of BLIP-base
+        print("== adapter files of BLIP-base retrieval", flush=True)
+        model = build("retrieval", "base", 224)
+        results["sizes"]["retrieval"] = bench_sizes("retrieval", model, size_configs("retrieval", args.rank,
+                                                                                     args.lora_rank))
+        del model
+        H.release_memory()
+    if "memory" not in args.skip:  # last: it changes the process's allocator settings for good
+        results["memory"] = {}
+        for arch in args.arch:
+            print(f"== {arch}: peak memory", flush=True)
+            model = build(arch, size, image_size)
+            results["memory"][arch] = bench_memory(model, lavis_step(H.samples_for(ARCHS[arch][0], args.batch,
+                                                                                    image_size)), methods)
+            del model
+            H.release_memory()
+    results["wall_s"] = time.perf_counter() - started
+    report = render(results)
+    print(report)
+    (args.out / f"{name}.md").write_text(report + "\n")
+    (args.out / f"{name}.json").write_text(json.dumps(results, indent=1) + "\n")
+    if results["training"]:
+        plot(results, args.out / f"{name}_step_time.png")
+    return results
+
+
+def render(results: dict[str, Any]) -> str:
+    s = results["settings"]
+    m = results["machine"]
+    loads = [v for part in ("training", "inference") for r in results[part].values() for v in r["other_load"]]
+    out = [f"BLIP-{s['size']} (random weights), {s['image_size']} px, batch {s['batch']}, {s['rounds']} interleaved "
+           f"rounds × {s['steps']} timed steps, {s['threads']} torch thread(s); {m['cpu']}, {m['cores']} cores, "
+           f"torch {m['torch']}; other processes kept {H.median(loads) if loads else 0:.1f} cores busy (median); "
+           f"wall {results.get('wall_s', 0):.0f} s"]
+    memory = results.get("memory", {})
+    for arch, result in results["training"].items():
+        out += [f"\n### Training step — {arch}\n", training_table(result, memory.get(arch))]
+    for arch, result in results["inference"].items():
+        out += [f"\n### Inference — {arch}\n", inference_table(result)]
+        if result["merge_max_abs_diff"]:
+            out.append("\nmerged vs unmerged outputs, max |Δ|: " + ", ".join(
+                f"{k.split(': ')[1]} {v:.1e}" for k, v in result["merge_max_abs_diff"].items()))
+    for arch, rows in results["sizes"].items():
+        out += [f"\n### Adapter files — {arch} (BLIP-base)\n", size_table(rows)]
+    return "\n".join(out)
+
+
+if __name__ == "__main__":
+    main()
