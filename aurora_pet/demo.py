@@ -137,9 +137,9 @@ def pretrained_tiny_blip(arch: str = ARCH, cache_dir: str | Path | None = None, 
                          epochs: int | None = None, threads: int | None = 1, verbose: bool = False) -> PretrainedTiny:
     """The source-domain tiny BLIP for the demo and benchmarks.
 
-    Looked up, in order: the weights shipped with the package (``aurora_pet/assets``, made by this
-    function with the default settings), then ``cache_dir`` (default ``$AURORA_PET_CACHE`` or
-    ``~/.cache/aurora-pet``); otherwise pre-trained from scratch (a few minutes on 2 CPU cores) with
+    Looked up, in order: ``cache_dir`` (default ``$AURORA_PET_CACHE`` or ``~/.cache/aurora-pet``), then
+    the weights shipped with the package (``aurora_pet/assets``, made by this function with the default
+    settings); otherwise pre-trained from scratch (a few minutes on 2 CPU cores) with
     ``aurora_pet.training.train`` and cached. ``force`` pre-trains again; ``epochs`` overrides the number
     of pre-training epochs (another cache entry). Entries are keyed by a hash of every setting."""
     if arch != ARCH:
@@ -148,7 +148,7 @@ def pretrained_tiny_blip(arch: str = ARCH, cache_dir: str | Path | None = None, 
     name = f"tiny-{arch}-{_settings_hash(arch, pretrain)}"
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     if not force:
-        found = _load_entry(arch, ASSETS, name, "shipped") or _load_entry(arch, cache, name, "cache")
+        found = _load_entry(arch, cache, name, "cache") or _load_entry(arch, ASSETS, name, "shipped")
         if found is not None:
             return found
     start = time.time()
@@ -232,6 +232,46 @@ def evaluate(recipe_path: str | Path, options: Sequence[str] = (), *, split: str
         result = train(recipe_path, options, quiet=not verbose)
     prefix = f"{split}_"
     return {k[len(prefix):]: v for k, v in (result.final or {}).items() if k.startswith(prefix)}
+
+
+def evaluate_model(model, written: Mapping[str, Any], *, split: str = "test", k_test: int = ADAPT_RUN["k_test"],
+                   batch_size: int = 64, image_size: int = IMAGE_SIZE) -> dict[str, float]:
+    """LAVIS's retrieval evaluation of an in-memory model (a LAVIS ``BlipRetrieval``, an ``AuroraModel``
+    around one, or anything with its ``compute_sim_matrix``) on a split of ``written`` data: the same
+    dataset builder, ``compute_sim_matrix`` (ITC, then ITM re-ranking of the top ``k_test``) and
+    ``RetrievalTask`` metrics as a recipe's evaluation, without a runner."""
+    import torch
+    from lavis.common.config import Config
+    from lavis.common.registry import registry
+    from lavis.tasks.retrieval import RetrievalTask
+    from omegaconf import OmegaConf
+    from torch.utils.data import DataLoader
+
+    from .training.data import dataset_section
+    from .training.lavis_env import import_lavis_registry
+
+    import_lavis_registry()
+    section = dataset_section(written, image_size=image_size)
+    name = written["builder"]
+    cfg = Config.build_dataset_config(OmegaConf.create({"datasets": section})).datasets[name]
+    dataset = registry.get_builder_class(name)(cfg).build_datasets()[split]
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=0)
+    was_training = model.training
+    model.eval()
+    tmp = tempfile.mkdtemp(prefix="aurora-pet-eval-")
+    previous = registry.mapping["paths"].pop("output_dir", None)
+    registry.register_path("output_dir", tmp)  # RetrievalTask appends its metrics to evaluate.txt there
+    try:
+        with torch.no_grad():
+            i2t, t2i = model.compute_sim_matrix(loader, task_cfg=OmegaConf.create({"k_test": k_test}))
+            metrics = RetrievalTask._report_metrics(i2t, t2i, dataset.txt2img, dataset.img2txt)
+    finally:
+        registry.mapping["paths"].pop("output_dir", None)
+        if previous is not None:
+            registry.mapping["paths"]["output_dir"] = previous
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.train(was_training)
+    return {k: float(v) for k, v in metrics.items()}
 
 
 @contextlib.contextmanager
@@ -323,9 +363,13 @@ def _run_demo(output_dir, cache_dir, *, epochs, verbose, print_fn) -> DemoResult
 
     start = time.time()
     out = Path(output_dir).absolute()
-    if out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
+    marker = out / ".aurora-pet-demo"
+    if out.exists() and any(out.iterdir()):
+        if not marker.is_file():
+            raise FileExistsError(f"{out} exists and is not an earlier demo's output; choose another --output-dir")
+        shutil.rmtree(out)  # an earlier demo's output: replaced
+    out.mkdir(parents=True, exist_ok=True)
+    marker.write_text("written by aurora-pet demo; the next demo run replaces this directory\n")
     print_fn("aurora-pet demo: a tiny BLIP (LAVIS BlipRetrieval) adapted with Aurora to a shifted domain")
     print_fn(f"[1/4] pre-trained tiny BLIP on the source domain (cache: {Path(cache_dir or default_cache_dir())})")
     pretrained = pretrained_tiny_blip(ARCH, cache_dir, threads=None, verbose=verbose)

@@ -68,8 +68,13 @@ class AuroraLinear:
         module = self.module
         if not self.owner.adapter_active:
             return type(module).forward(module, x)
-        dropout = self.owner.aurora_dropout
-        dropout_active = dropout.training and dropout.p > 0
+        # dropout follows the adapted module's own mode, so base_model.eval() also turns it off
+        p = self.owner.aurora_dropout.p
+        dropout_active = module.training and p > 0
+
+        def dropout(t: torch.Tensor) -> torch.Tensor:
+            return F.dropout(t, p, training=dropout_active)
+
         if not self._plain_linear:
             return type(module).forward(module, x) + self.factored_delta(dropout(x))
         if not dropout_active and self._prefers_materialised(x):
@@ -79,7 +84,7 @@ class AuroraLinear:
         inputs = x.reshape(-1, module.in_features)
         weight = module.weight
         out = inputs @ weight.T if module.bias is None else torch.addmm(module.bias, inputs, weight.T)
-        z = self.input_projection(dropout(inputs) if dropout_active else inputs)
+        z = self.input_projection(dropout(inputs))
         out.addmm_(z, self.up_projection(out.dtype))
         return out.view(*x.shape[:-1], module.out_features)
 

@@ -67,3 +67,14 @@ def test_demo_adaptation_beats_the_pretrained_model(tmp_path):
     assert report["groups"]["factors"] > 0 and report["trainable"] < report["base"] / 10
     rows = json.loads((tmp_path / "demo" / "run" / "metrics.json").read_text())["epochs"]
     assert len(rows) == demo.ADAPT_RUN["max_epoch"]
+
+
+def test_evaluate_model_matches_the_recipe_evaluation(tmp_path):
+    """The in-memory evaluation (for benchmarks) gives exactly what a recipe run in evaluate mode reports."""
+    written = demo.write_demo_data(tmp_path / "data", "source", n_train=2, n_val=2, n_test=8)
+    pretrained = demo.pretrained_tiny_blip(cache_dir=tmp_path / "cache")
+    direct = demo.evaluate_model(pretrained.build(), written, k_test=4)
+    assert set(direct) >= {"txt_r1", "txt_r5", "txt_r10", "img_r1", "img_r5", "img_r10", "r_mean", "agg_metrics"}
+    recipe = write_recipe(tmp_path / "eval.yaml", demo.demo_recipe(written, tmp_path / "run", pretrained=pretrained,
+                                                                   run={"k_test": 4}))
+    assert demo.evaluate(recipe) == direct

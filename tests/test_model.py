@@ -265,3 +265,13 @@ def test_momentum_copies_track_the_adapter_by_moving_average():
     model.unmerge()
     with pytest.raises(TargetError, match="momentum copy 'blocks_x.0.qkv'"):
         get_aurora_model(ToyModel(), config, momentum_pairs=[("blocks", "blocks_x")])
+
+
+def test_adapter_dropout_follows_the_base_modules_mode():
+    model, _ = wrap(dropout=0.5)
+    perturb(model)
+    inputs = toy_inputs()
+    model.base_model.eval()  # e.g. code that holds only the LAVIS model
+    torch.testing.assert_close(model(*inputs), model(*inputs), rtol=0, atol=0)
+    model.base_model.train()
+    assert not torch.allclose(model(*inputs), model(*inputs))

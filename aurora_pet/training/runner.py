@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 from unittest import mock
 
+import torch
 from lavis.common.dist_utils import get_world_size, is_main_process
 from lavis.runners import runner_base
 from lavis.runners.runner_base import RunnerBase
@@ -151,6 +152,7 @@ class AuroraRunner(RunnerBase):
                     val_log.update({"best_epoch": self.best_epoch})
                     self.log_stats(val_log, split_name)
                     record.update(flatten(split_name, val_log))
+            self._share_best()
             if self.evaluate_only:
                 break
             self.history.append(record)
@@ -190,6 +192,14 @@ class AuroraRunner(RunnerBase):
         if self.config.run_cfg.get("plot", True):
             self.plot_path = plot_metrics(self.output_dir, self.history, self.final, self.title,
                                           task=str(self.config.run_cfg.task))
+
+    def _share_best(self) -> None:
+        """The main process decides which epoch is best; every rank must agree on it, since the final
+        test reloads the best adapter on each rank (retrieval evaluation splits its rows over ranks)."""
+        if get_world_size() > 1:
+            shared = [self.best_epoch, self.best_agg_metric]
+            torch.distributed.broadcast_object_list(shared, src=0)
+            self.best_epoch, self.best_agg_metric = shared
 
     @property
     def aurora(self) -> bool:

@@ -105,6 +105,9 @@ def _resume_source(recipe: Recipe, output_dir: Path, resume: bool) -> Path | Non
     explicit = recipe.run_cfg.get("resume_ckpt_path")
     if explicit:
         source = Path(str(explicit))
+        if not source.is_dir():
+            raise RecipeError(f"run.resume_ckpt_path={source}: expected an aurora-pet checkpoint directory "
+                              "(<output_dir>/checkpoints/epoch_N); LAVIS's checkpoint_*.pth files hold no adapter")
     elif resume:
         source = store.latest()
         if source is None:
@@ -127,8 +130,9 @@ def _report(model: nn.Module, quiet: bool) -> dict[str, Any] | None:
     from ..report import format_report
 
     if not isinstance(model, AuroraModel):
-        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        print(f"full fine-tuning (no aurora: section): {trainable:,} trainable parameters")
+        if not quiet:
+            trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+            print(f"full fine-tuning (no aurora: section): {trainable:,} trainable parameters")
         return None
     report = model.parameter_report()
     if not quiet:
