@@ -78,3 +78,10 @@ def test_evaluate_model_matches_the_recipe_evaluation(tmp_path):
     recipe = write_recipe(tmp_path / "eval.yaml", demo.demo_recipe(written, tmp_path / "run", pretrained=pretrained,
                                                                    run={"k_test": 4}))
     assert demo.evaluate(recipe) == direct
+
+
+def test_demo_never_deletes_a_directory_it_did_not_write(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="not an earlier demo's output"):
+        demo.run_demo(tmp_path, tmp_path / "cache", print_fn=lambda *a: None)
+    assert (tmp_path / "notes.txt").read_text() == "mine"

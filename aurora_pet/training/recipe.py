@@ -16,7 +16,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from ..config import AuroraConfig
@@ -243,9 +243,3 @@ def _unknown(label: str, value: Any, known: Iterable[str], what: str = "name") -
     hint = f"did you mean {close[0]!r}?" if close else f"known: {', '.join(known)}"
     return f"{label}: unknown {what} {value!r} ({hint})"
 
-
-def to_plain(value: Any) -> Any:
-    """OmegaConf containers to plain Python (other values unchanged)."""
-    if isinstance(value, (DictConfig, ListConfig)):
-        return OmegaConf.to_container(value, resolve=True)
-    return value
