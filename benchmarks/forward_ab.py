@@ -1,7 +1,7 @@
 """A/B of Aurora's forward pass: ``AuroraLinear`` of the working tree against the one of a git revision,
 interleaved in one process on the same BLIP-base model and workload (retrieval's ITM passes, where the
-cross-attention adapters are; see ``cost.itm_step``). Also checks that both give the same outputs and
-gradients.
+cross-attention adapters are; see ``cost.itm_step``) and on unmerged ITM re-ranking. Also checks that both
+give the same outputs and gradients.
 
     python -m benchmarks.forward_ab --baseline 53df419   # the revision before the forward optimisation
 """
@@ -91,9 +91,40 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     floor = statistics.median(times["frozen (floor)"])
     rows = [[name, f"{statistics.median(t) * 1e3:.0f}", f"{statistics.median(t) / floor:.3f}"]
             for name, t in times.items()]
+    print("ITM passes, training step (CPU time)\n")
     print(H.markdown_table(["variant", "CPU ms/step (median)", "× frozen"], rows))
+    inference = _inference(model, args, use, current, baseline)
+    base = statistics.median(inference["base"])
+    rows = [[name, f"{statistics.median(t) * 1e3:.1f}", f"{statistics.median(t) / base:.3f}"]
+            for name, t in inference.items()]
+    print("\nITM re-rank of 2 pairs over cached image features, unmerged, no_grad (CPU time)\n")
+    print(H.markdown_table(["variant", "CPU ms/call (median)", "× base"], rows))
     print(f"max |Δ| of outputs and gradients, working tree vs baseline: {_agreement(model, baseline, use, current):.1e}")
-    return {"times": times}
+    return {"times": times, "inference": inference}
+
+
+def _inference(model: torch.nn.Module, args, use, current: dict[str, Any], baseline: dict[str, Any]):
+    model.eval()
+    samples = H.retrieval_samples(2, args.image_size)
+    rerank = list(cost.inference_workloads("retrieval", model, samples).values())[1]
+    variants = [("base", None), (f"baseline {args.baseline}", baseline), ("working tree", current)]
+    times: dict[str, list[float]] = {name: [] for name, _ in variants}
+    for round_index in range(args.rounds + 1):
+        for name, impl in H.rotated(variants, round_index):
+            use(impl or current)
+            method = (H.Method("base", "frozen_eval") if impl is None else
+                      H.Method("aurora", "aurora", {"ice": False, "gqt": False, "randomise": True}))
+            active = cost._install(model, method)
+            active.call.eval()
+            with torch.no_grad():
+                rerank()
+                for _ in range(5):
+                    start = time.process_time()
+                    rerank()
+                    times[name].append(time.process_time() - start)
+            active.teardown()
+    use(current)
+    return times
 
 
 def _agreement(model: torch.nn.Module, baseline: dict[str, Any], use, current: dict[str, Any]) -> float:
