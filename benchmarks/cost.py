@@ -4,20 +4,19 @@ Measured on LAVIS's real BLIP architectures with random weights, on the CPU:
 
 - training step: ``model(samples)`` — LAVIS's own training forward (retrieval: ITC with momentum encoders
   and queues + ITM with hard negatives; VQA: encoder + answer decoder) — then ``loss.backward()``,
-  ``AdamW.step()``, ``zero_grad(set_to_none=True)``. Methods run interleaved, round by round (the order
-  rotates every round), on one model instance that each method is installed on and removed from again;
-  after a warm-up step (which also allocates the optimiser state) a few steps are timed. Ratios are
-  taken within each round and the median over rounds is reported, so slow drifts of a shared 2-core
-  machine cancel out.
-- peak memory: the kernel's high-water mark of the process's resident set (VmHWM), reset through
-  ``/proc/self/clear_refs`` right before the timed steps and read after them; before each method the
-  heap is collected and trimmed (``malloc_trim``), so what is resident is the model plus the method's
-  own state. Torch's CPU allocator takes its memory from malloc, so RSS sees every tensor (weights,
-  gradients, AdamW moments, activations) — ``tracemalloc`` does not. Reported: the peak, and the peak
-  minus the resident size before the method was installed (what training adds on top of the model),
-  from the round with the smallest peak: memory a previous method leaves in the heap (fragmentation
-  after full fine-tuning's optimiser state) can only inflate RSS, and as the order rotates every
-  method runs before full fine-tuning in some round.
+  ``AdamW.step()``, ``zero_grad(set_to_none=True)``; for retrieval also the ITM passes alone
+  (``itm_step``), where the cross-attention adapters are. Methods run interleaved, round by round (the
+  order rotates every round), on one model instance that each method is installed on and removed from
+  again; after a warm-up step (which also allocates the optimiser state) the timed steps follow. Time is
+  the process's CPU time (and wall time beside it), with one torch thread; ratios are taken within each
+  round and the median over rounds is reported, so slow drifts of a shared machine cancel out.
+- peak memory (``bench_memory``, a separate pass after every timing): the kernel's high-water mark of
+  the process's resident set (VmHWM), reset through ``/proc/self/clear_refs`` after a warm-up step and
+  read after one more step. glibc's mmap threshold is fixed at 64 KiB for this pass, so each freed tensor
+  leaves the resident set at once and every method starts from the resident model alone. Torch's CPU
+  tensors come from malloc, so RSS sees all of them (weights, gradients, AdamW moments, activations) —
+  ``tracemalloc`` does not. Reported: the peak, and the peak minus the resident size before the method
+  was installed (what training adds on top of the model).
 - inference: retrieval ITM scoring of image-text pairs (ViT + multimodal text encoder + ITM head) and
   ITM re-ranking over cached image features (the multimodal text encoder alone, where the adapters are);
   VQA answer scoring (encoder + teacher-forced decoder). ``torch.no_grad()``, eval mode.
