@@ -3,12 +3,12 @@
 from .config import AuroraConfig
 from .errors import AdapterFileError, AuroraConfigError, AuroraError, MergeError, TargetError
 from .factors import ModeFactors, compress_delta, num_factor_parameters
+from .families import all_presets, get_preset
 from .model import AuroraModel, get_aurora_model
-from .presets import PRESETS, get_preset
 
 __all__ = [
     "AdapterFileError", "AuroraConfig", "AuroraConfigError", "AuroraError", "AuroraModel", "MergeError",
-    "ModeFactors", "PRESETS", "TargetError", "compress_delta", "get_aurora_model", "get_preset",
+    "ModeFactors", "TargetError", "all_presets", "compress_delta", "get_aurora_model", "get_preset",
     "num_factor_parameters",
 ]
-__version__ = "0.1.0"
+__version__ = "0.2.0.dev0"

@@ -105,7 +105,7 @@ class PretrainedTiny:
 
     def build(self):
         """The LAVIS model with these weights (strict loading)."""
-        from .integrations.lavis import ARCHITECTURES, build_blip
+        from .families.lavis.build import ARCHITECTURES, build_blip
 
         settings = {k: v for k, v in self.model.items() if k not in ("size", "pretrained")}
         return build_blip(self.arch, ARCHITECTURES[self.arch][0], size=self.model.get("size", "tiny"),
@@ -197,7 +197,7 @@ def _initial_checkpoint(arch: str, path: Path, pretrain: Mapping[str, Any]) -> P
     """
     import torch
 
-    from .integrations.lavis import ARCHITECTURES, build_blip
+    from .families.lavis.build import ARCHITECTURES, build_blip
 
     torch.manual_seed(int(pretrain["run"]["seed"]))
     settings = {k: v for k, v in TINY_MODEL.items() if k != "size"}
@@ -421,7 +421,7 @@ def _metrics_line(metrics: Mapping[str, float], short: bool = False) -> str:
 
 def _wrapped_report(pretrained: PretrainedTiny, recipe: Path) -> dict[str, Any]:
     """The parameter report of the demo's adapter (the table ``train`` would print)."""
-    from .integrations.lavis import wrap_blip
+    from .families.lavis.wrap import wrap_blip
     from .training import load_recipe
 
     return wrap_blip(pretrained.build(), load_recipe(recipe).aurora).parameter_report()

@@ -57,12 +57,12 @@ class AuroraLinear:
 
     def delta_weight(self) -> torch.Tensor:
         """s·ΔW of this target, shape (d_out, d_in), differentiable (our einsum path)."""
-        return self.owner.config.scale * self.assemble(self.factors.slices(self.slice_range))
+        return self.owner.aurora_config.scale * self.assemble(self.factors.slices(self.slice_range))
 
     def reference_delta_weight(self) -> torch.Tensor:
         """s·ΔW built from TensorLy's reconstruction: what merge and export use."""
         tensor = self.factors.to_tensor(self.slice_range)  # (d, d, n)
-        return self.owner.config.scale * self.assemble(tensor.permute(2, 0, 1))
+        return self.owner.aurora_config.scale * self.assemble(tensor.permute(2, 0, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         module = self.module
@@ -96,7 +96,7 @@ class AuroraLinear:
             return weight + self.delta_weight().to(weight.dtype)
         factors = self.factors
         left = factors.left_maps(self.slice_range).reshape(self.n_out * self.d, factors.rank)
-        return torch.addmm(weight, left.to(weight.dtype), factors.V.T.to(weight.dtype), alpha=self.owner.config.scale)
+        return torch.addmm(weight, left.to(weight.dtype), factors.V.T.to(weight.dtype), alpha=self.owner.aurora_config.scale)
 
     def input_projection(self, x: torch.Tensor) -> torch.Tensor:
         """z = x_j·V for every input block j, shape (tokens, n_in·R)."""
@@ -112,7 +112,7 @@ class AuroraLinear:
             rank = self.factors.rank
             up = left.reshape(self.n_out, self.n_in, self.d, rank).permute(1, 3, 0, 2).reshape(
                 self.n_in * rank, self.n_out * self.d)
-        scale = self.owner.config.scale
+        scale = self.owner.aurora_config.scale
         return (up if scale == 1 else scale * up).to(dtype)
 
     def factored_delta(self, x: torch.Tensor) -> torch.Tensor:
@@ -128,7 +128,7 @@ class AuroraLinear:
         materialised: n·d²·R to build ΔW, plus N·d_out·d_in for ∂L/∂ΔW when training; the product
                       x·(W + ΔW)ᵀ itself replaces the base matmul, so it costs nothing extra.
         """
-        mode = self.owner.config.forward_mode
+        mode = self.owner.aurora_config.forward_mode
         if mode != "auto":
             return mode == "materialised"
         factors = self.factors

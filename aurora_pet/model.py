@@ -5,6 +5,9 @@ its name, so `model.base_model.state_dict()` has the same keys before and after 
 own parameters live beside it, in this wrapper (`aurora_factors`, `aurora_fusion`), never inside base
 modules: LAVIS's momentum update zips the parameters of paired modules by position, and extra
 parameters inside them would break that pairing.
+
+What is specific to a model family (presets, where a fusion site reads the text mask, momentum pairs,
+patches of third-party behaviour) comes from `aurora_pet.families`; this module names no family.
 """
 
 from __future__ import annotations
@@ -15,34 +18,40 @@ import copy
 import re
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
 
-from . import checkpoint
+from . import adapter_files
 from .config import AuroraConfig
 from .errors import AuroraConfigError, MergeError, TargetError
 from .factors import ModeFactors
-from .fusion import FusionSite, cross_attention_io
+from .families import Family, FusionInputs, Preset, all_presets, family_of
+from .fusion import FusionSite
 from .layer import AuroraLinear
-from .presets import PRESETS
 
 
 class AuroraModel(nn.Module):
     """A base model with a mode-approximation adapter; calls and attributes pass through to the base."""
 
     def __init__(self, model: nn.Module, config: AuroraConfig,
-                 momentum_pairs: Sequence[tuple[str, str]] = (), momentum: float = 0.995) -> None:
+                 momentum_pairs: Sequence[tuple[str, str]] | None = None, momentum: float | None = None) -> None:
         super().__init__()
         if isinstance(model, AuroraModel):
             raise TypeError("the model is already an AuroraModel")
         config.validate()
         self.base_model = model
-        self.config = config
+        self.aurora_config = config
+        self.family = family_of(model)
         self.adapter_enabled = True
         self.merged = False
-        targets = find_targets(model, config, exclude=[tracking for _, tracking in momentum_pairs])
+        plan = resolve_targets(model, config, self.family)
+        if momentum_pairs is None:
+            momentum_pairs = self.family.momentum_pairs(model) if self.family else []
+        if momentum is None:
+            momentum = self.family.momentum(model) if self.family else 0.995
+        targets = find_targets(model, plan.target_modules, exclude=[tracking for _, tracking in momentum_pairs])
         self.slice_size = infer_slice_size(targets, config)
         self.layers: dict[str, AuroraLinear] = {}
         first = 0
@@ -53,11 +62,18 @@ class AuroraModel(nn.Module):
         self.momentum, self.momentum_pairs = momentum, [tuple(pair) for pair in momentum_pairs]
         self._add_momentum_layers(model, momentum_pairs)
         self.aurora_dropout = nn.Dropout(config.dropout)
-        self.fusion_sites = find_fusion_sites(model, config)
+        self.fusion_sites = find_fusion_sites(model, config, plan.fusion_modules)
         self.aurora_fusion = nn.ModuleDict({
             _site_key(name): FusionSite(self.slice_size, config.ice, config.gqt) for name in self.fusion_sites})
-        self.heads = find_modules_to_save(model, config.modules_to_save)
-        self._hooks = []
+        self.heads = find_modules_to_save(model, plan.modules_to_save)
+        device = next((p.device for p in model.parameters()), None)
+        if device is not None:  # the adapter lives where the model does, in float32 (see docs/method.md)
+            for name, module in self.named_children():
+                if name != "base_model":
+                    module.to(device)
+        self._hooks: list[Any] = []
+        self._fusion_masks: dict[str, Any] = {}
+        self._undo: list[Any] = []
         self._freeze_base()
         self._install()
 
@@ -109,15 +125,30 @@ class AuroraModel(nn.Module):
             layer.install()
         modules = dict(self.base_model.named_modules())
         for name in self.fusion_sites:
-            self._hooks.append(modules[name].register_forward_hook(self._fusion_hook(name), with_kwargs=True))
+            inputs = self.family.fusion_inputs(self.base_model, name) if self.family else FusionInputs(name)
+            if inputs.mask_module not in modules:
+                raise TargetError(f"fusion site {name!r} reads its text mask from {inputs.mask_module!r}, "
+                                  "which the model does not have")
+            self._hooks.append(modules[inputs.mask_module].register_forward_pre_hook(
+                self._mask_hook(name, inputs), with_kwargs=True))
+            self._hooks.append(modules[name].register_forward_hook(self._fusion_hook(name, inputs), with_kwargs=True))
+        if self.family is not None:
+            self._undo = self.family.patch(self.base_model, self)
 
-    def _fusion_hook(self, name: str):
+    def _mask_hook(self, name: str, inputs: FusionInputs):
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            self._fusion_masks[name] = inputs.read_mask(args, kwargs)
+
+        return hook
+
+    def _fusion_hook(self, name: str, inputs: FusionInputs):
         site_key = _site_key(name)
 
         def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+            mask = self._fusion_masks.pop(name, None)
             if not self.adapter_enabled:
                 return output
-            text, mask = cross_attention_io(args, kwargs)
+            text = inputs.read_text(args, kwargs)
             site = self.aurora_fusion[site_key]
             if isinstance(output, torch.Tensor):
                 return site(output, text, mask)
@@ -131,6 +162,9 @@ class AuroraModel(nn.Module):
         for handle in self._hooks:
             handle.remove()
         self._hooks.clear()
+        self._fusion_masks.clear()
+        while self._undo:  # third-party patches, last applied first undone
+            self._undo.pop()()
 
     # -- pass-through ----------------------------------------------------------------------------
     def forward(self, *args: Any, **kwargs: Any) -> Any:
@@ -240,11 +274,11 @@ class AuroraModel(nn.Module):
 
     def save_pretrained(self, path: str | Path) -> Path:
         """Write adapter_config.json and adapter_model.safetensors (adapter only) into `path`."""
-        return checkpoint.save_adapter(path, self.config, self.adapter_state_dict(), self.layout())
+        return adapter_files.save_adapter(path, self.aurora_config, self.adapter_state_dict(), self.layout())
 
     def load_adapter(self, path: str | Path) -> None:
         """Load adapter weights saved by `save_pretrained`; everything is checked before anything is copied."""
-        tensors = checkpoint.load_adapter_tensors(path, self.layout(), self.adapter_state_dict())
+        tensors = adapter_files.load_adapter_tensors(path, self.layout(), self.adapter_state_dict())
         with torch.no_grad():
             for key, target in self.adapter_state_dict().items():
                 target.copy_(tensors[key])
@@ -252,7 +286,7 @@ class AuroraModel(nn.Module):
     @classmethod
     def from_pretrained(cls, model: nn.Module, path: str | Path, **kwargs: Any) -> "AuroraModel":
         """Wrap `model` as the adapter in `path` says and load its weights (kwargs as for the constructor)."""
-        aurora = cls(model, checkpoint.load_adapter_config(path), **kwargs)
+        aurora = cls(model, adapter_files.load_adapter_config(path), **kwargs)
         aurora.load_adapter(path)
         return aurora
 
@@ -264,13 +298,48 @@ def get_aurora_model(model: nn.Module, config: AuroraConfig, **kwargs: Any) -> A
     return AuroraModel(model, config, **kwargs)
 
 
-def find_targets(model: nn.Module, config: AuroraConfig, exclude: Sequence[str] = ()) -> list[tuple[str, nn.Linear]]:
-    """The `nn.Linear` modules matched by `config.target_modules`, in `named_modules` order, outside the
-    module prefixes in `exclude` (momentum copies, which follow their online twins instead)."""
+class TargetPlan(NamedTuple):
+    """What `config` means for one model: the target spec (a regex or suffixes), the fusion-site regex and
+    the heads, with presets (by name, or the family's default) resolved; `preset` is the one used."""
+
+    target_modules: str | list[str]
+    fusion_modules: str | None
+    modules_to_save: list[str]
+    preset: Preset | None
+
+
+def resolve_targets(model: nn.Module, config: AuroraConfig, family: Family | None) -> TargetPlan:
+    """Resolve `config` against `model`: target_modules None means the family's default preset (PEFT's
+    convention); a preset name, full ("blip_retrieval/reference") or short ("reference"), is the preset
+    of the model's architecture; fusion_modules None means the preset's sites (the family's default
+    preset's when the targets are a regex); modules_to_save None means the preset's heads."""
     spec = config.target_modules
-    if isinstance(spec, str) and spec in PRESETS:
-        PRESETS[spec].check_architecture(model)
-        spec = PRESETS[spec].target_modules
+    presets = all_presets()
+    own = family.presets if family else {}
+    kinds = {preset.kind for preset in (own or presets).values()}
+    preset = None
+    if spec is None or (isinstance(spec, str) and (spec in presets or spec in kinds)):
+        if family is None:
+            what = "target_modules is not set" if spec is None else f"target_modules {spec!r} is a preset name"
+            raise TargetError(f"{what}, and {type(model).__name__} belongs to no known model family: set "
+                              "target_modules to a regex or a list of module-name suffixes")
+        if spec in presets and spec not in own:
+            raise TargetError(f"preset {spec!r} is for {presets[spec].architecture} models, but "
+                              f"{type(model).__name__} is a {family.name} model; its presets: {', '.join(own)}")
+        preset = family.preset(model, spec)
+    fusion = config.fusion_modules
+    if fusion is None and (config.ice or config.gqt) and family is not None:
+        fusion = (preset or family.preset(model)).fusion_modules
+    heads = config.modules_to_save
+    if heads is None:
+        heads = list(preset.modules_to_save) if preset else []
+    return TargetPlan(preset.target_modules if preset else spec, fusion, list(heads), preset)
+
+
+def find_targets(model: nn.Module, spec: str | list[str], exclude: Sequence[str] = ()) -> list[tuple[str, nn.Linear]]:
+    """The `nn.Linear` modules matched by `spec` (a regex, full match, or a list of name suffixes), in
+    `named_modules` order, outside the module prefixes in `exclude` (momentum copies, which follow their
+    online twins instead)."""
     linears = [(name, module) for name, module in model.named_modules()
                if isinstance(module, nn.Linear) and not any(_has_prefix(name, p) for p in exclude)]
     if isinstance(spec, str):
@@ -283,7 +352,7 @@ def find_targets(model: nn.Module, config: AuroraConfig, exclude: Sequence[str] 
         probes = [spec] if isinstance(spec, str) else spec
         close = sorted({c for p in probes for c in difflib.get_close_matches(p, names, 5, cutoff=0.3)})
         raise TargetError(
-            f"target_modules {config.target_modules!r} matched no nn.Linear module (Aurora adapts nn.Linear "
+            f"target_modules {spec!r} matched no nn.Linear module (Aurora adapts nn.Linear "
             f"only). Closest names: {close or names[:10]}")
     return matched
 
@@ -301,18 +370,19 @@ def infer_slice_size(targets: list[tuple[str, nn.Linear]], config: AuroraConfig)
     return d
 
 
-def find_fusion_sites(model: nn.Module, config: AuroraConfig) -> list[str]:
+def find_fusion_sites(model: nn.Module, config: AuroraConfig, fusion_modules: str | None) -> list[str]:
     """Names of the cross-attention modules that host ICE/GQT (none when both are off)."""
     if not (config.ice or config.gqt):
         return []
-    pattern = re.compile(config.fusion_modules) if config.fusion_modules else None
-    names = [n for n, _ in model.named_modules()
-             if (pattern.fullmatch(n) if pattern else n.rsplit(".", 1)[-1] == "crossattention")]
+    if fusion_modules is None:
+        raise TargetError(f"ice/gqt are on but {type(model).__name__} belongs to no known model family, so "
+                          "its fusion sites are unknown: set fusion_modules to a regex of its cross-attention "
+                          "modules, or ice=False and gqt=False")
+    pattern = re.compile(fusion_modules)
+    names = [n for n, _ in model.named_modules() if n and pattern.fullmatch(n)]
     if not names:
-        raise TargetError(
-            "ice/gqt are on but the model has no fusion site (a BERT-style cross-attention module "
-            f"{'matching ' + repr(config.fusion_modules) if pattern else 'named *.crossattention'}); "
-            "set ice=False and gqt=False, or fusion_modules to a regex of cross-attention modules")
+        raise TargetError(f"ice/gqt are on but no module matches fusion_modules {fusion_modules!r}; set it to a "
+                          "regex of the cross-attention modules, or ice=False and gqt=False")
     return names
 
 

@@ -54,8 +54,8 @@ def parameter_report(model: "AuroraModel", base_exclude: Sequence[str] = ()) -> 
         "num_slices": model.num_slices,
         "num_targets": len(model.layers),
         "heads": list(model.heads),
-        "rank": model.config.rank,
-        "core": model.config.core,
+        "rank": model.aurora_config.rank,
+        "core": model.aurora_config.core,
     }
 
 

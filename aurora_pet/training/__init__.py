@@ -10,7 +10,7 @@ __all__ = ["CheckpointStore", "DataError", "Recipe", "RecipeError", "ResumeError
            "write_recipe"]
 
 _WHERE = {
-    "CheckpointStore": "checkpoints", "ResumeError": "checkpoints",
+    "CheckpointStore": "run_state", "ResumeError": "run_state",
     "DataError": "data", "check_datasets": "data", "dataset_options": "data", "dataset_section": "data",
     "generated_recipe": "data", "write_recipe": "data",
     "Recipe": "recipe", "RecipeError": "recipe", "load_recipe": "recipe",
@@ -18,7 +18,7 @@ _WHERE = {
 }
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .checkpoints import CheckpointStore, ResumeError
+    from .run_state import CheckpointStore, ResumeError
     from .data import DataError, check_datasets, dataset_options, dataset_section, generated_recipe, write_recipe
     from .recipe import Recipe, RecipeError, load_recipe
     from .trainer import TrainResult, train

@@ -225,7 +225,7 @@ def check_model_keys(model: DictConfig, arch: str) -> None:
 
 def build_settings(arch: str) -> set[str]:
     """Model keys `build_blip` accepts as overrides for `arch` (LAVIS yaml, ViT and med_config keys)."""
-    from ..integrations.lavis import ARCHITECTURES, _resolve_spec
+    from ..families.lavis.build import ARCHITECTURES, _resolve_spec
 
     spec = _resolve_spec(arch, ARCHITECTURES[arch][0], "base", None, {})
     keys = {k for part in spec.values() for k in part} - {"encoder_width", "model_type"}

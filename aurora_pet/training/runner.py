@@ -9,7 +9,7 @@ VQA: answer ranking and the official VQA accuracy) and ``task.after_evaluation``
   for a model that is already on its device;
 - ``create_loaders``: on CPU, LAVIS's ``PrefetchLoader`` (a CUDA stream) is replaced by a plain pass-through;
 - ``_save_checkpoint`` / ``_reload_best_model`` / resume: adapter-only checkpoints, atomic, with the
-  training state (see ``checkpoints.py``) instead of LAVIS's ``checkpoint_*.pth`` of every trainable
+  training state (see ``run_state.py``) instead of LAVIS's ``checkpoint_*.pth`` of every trainable
   tensor and no RNG state;
 - ``train``: LAVIS's epoch loop, plus a checkpoint after every epoch (LAVIS saves only a new best when
   there are validation splits), the best metric and history restored on resume (LAVIS restarts them
@@ -35,7 +35,7 @@ from lavis.runners.runner_base import RunnerBase
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm.auto import tqdm
 
-from . import checkpoints as ckpt
+from . import run_state as ckpt
 from .lavis_env import barrier, gather_rng_states, set_rng_state
 from .metrics import flatten, plot_metrics, write_metrics
 

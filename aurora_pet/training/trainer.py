@@ -17,7 +17,7 @@ from typing import Any
 
 from torch import nn
 
-from . import checkpoints as ckpt
+from . import run_state as ckpt
 from .recipe import Recipe, RecipeError, load_recipe
 
 log = logging.getLogger(__name__)
@@ -40,12 +40,15 @@ class TrainResult:
 
 
 def train(cfg_path: str | Path, options: Sequence[str] | None = None, *, resume: bool = False,
-          quiet: bool = False, epoch_callback: Callable[[dict[str, Any], int], None] | None = None) -> TrainResult:
+          quiet: bool = False, epoch_callback: Callable[[dict[str, Any], int], None] | None = None,
+          prepare_model: Callable[[nn.Module], None] | None = None) -> TrainResult:
     """Train (and evaluate) one recipe; ``resume`` continues from the run's latest checkpoint.
 
     ``quiet`` leaves out the parameter table and the summary; ``epoch_callback(row, max_epoch)`` is called
     on the main process after each epoch's checkpoint with that epoch's metrics (``train_loss``,
-    ``val_agg_metrics``, ...).
+    ``val_agg_metrics``, ...). ``prepare_model(lavis_model)`` runs once the LAVIS model is built, its checkpoint
+    loaded and the adapter (if any) wrapped, before anything is trained: the hook for comparing other
+    methods (LoRA, heads only) through the same runner, as the benchmarks do.
 
     Runs in this process, or in each process of a ``torchrun`` launch (``RANK``/``WORLD_SIZE`` set).
     Raises ``RecipeError``/``DataError``/``ResumeError`` with the offending key, file or difference
@@ -56,7 +59,7 @@ def train(cfg_path: str | Path, options: Sequence[str] | None = None, *, resume:
 
     from .data import check_datasets
     from .lavis_env import distributed, setup_seeds
-    from .model import build_model
+    from .lavis_model import build_model
     from .runner import AuroraRunner
 
     recipe = load_recipe(cfg_path, options)
@@ -74,7 +77,9 @@ def train(cfg_path: str | Path, options: Sequence[str] | None = None, *, resume:
         check_datasets(recipe.cfg.datasets_cfg, registry.get_path("cache_root"))
         task = tasks.setup_task(recipe.cfg)
         datasets = task.build_datasets(recipe.cfg)
-        model, _, _ = build_model(recipe)
+        model, lavis_model, _ = build_model(recipe)
+        if prepare_model is not None:
+            prepare_model(lavis_model)
         main = is_main_process()
         report = _report(model, quiet or not main)
         if recipe.adapter:

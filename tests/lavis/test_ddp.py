@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from aurora_pet.checkpoint import WEIGHTS_NAME
+from aurora_pet.adapter_files import WEIGHTS_NAME
 
 from .ddp_worker import CASES, STEPS
 

@@ -31,7 +31,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..checkpoint import CONFIG_NAME, WEIGHTS_NAME, load_adapter_config
+from ..adapter_files import CONFIG_NAME, WEIGHTS_NAME, load_adapter_config
 from ..errors import AuroraError
 from ..model import AuroraModel
 
@@ -167,12 +167,13 @@ def load_weights(model: nn.Module, directory: Path) -> None:
 
 def resume_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     """Base-model state training changes besides the trained weights: buffers (BLIP's feature queues)
-    and the momentum encoders, which follow the online ones by an EMA (see ``momentum_pairs``).
+    and the momentum encoders, which follow the online ones by an EMA (the model family's momentum pairs).
     The live tensors: copying into them restores the state."""
-    from ..integrations.lavis import momentum_pairs
+    from ..families import family_of
 
     base = model.base_model if isinstance(model, AuroraModel) else model
-    tracking = [m for _, m in momentum_pairs(base)]
+    family = family_of(base)
+    tracking = [m for _, m in family.momentum_pairs(base)] if family else []
     state = {f"buffer.{n}": b for n, b in base.named_buffers()}
     state.update({f"momentum.{n}": p.data for n, p in base.named_parameters()
                   if any(n.startswith(prefix + ".") for prefix in tracking)})

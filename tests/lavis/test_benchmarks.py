@@ -1,8 +1,8 @@
-"""The benchmarks (benchmarks/): the harness's methods are sound, and both --quick modes run end to end.
+"""The benchmarks (bench/): the harness's methods are sound, and both --quick modes run end to end.
 
 No timing is asserted anywhere: timings on a shared CPU are for BENCHMARKS.md, not for tests. The quick
-runs are subprocesses run from the repository root (fairscale installs an unrelated top-level
-``benchmarks`` package; ``python -m`` from the root picks ours)."""
+runs are subprocesses run from the repository root. The package is ``bench``: fairscale installs an
+unrelated top-level ``benchmarks`` package."""
 
 from __future__ import annotations
 
@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks import _harness as H
-from benchmarks import cost, learning
+from bench import _harness as H
+from bench import cost, learning
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +31,7 @@ def _step(call, samples, seed=0):
 
 
 def test_benchmarks_package_is_ours():
-    assert Path(H.__file__).resolve().parent == ROOT / "benchmarks"
+    assert Path(H.__file__).resolve().parent == ROOT / "bench"
 
 
 def test_lora_targets_are_auroras_and_their_momentum_twins(tiny_retrieval):
@@ -114,7 +114,7 @@ def test_lora_twins_start_as_copies_and_only_online_lora_and_heads_train():
 
 
 def test_adapter_count_matches_the_wrapped_tiny_model(tiny_retrieval):
-    from aurora_pet.integrations.lavis import wrap_blip
+    from aurora_pet.families.lavis.wrap import wrap_blip
 
     for rank, ice, gqt in ((32, True, True), (4, False, False), (16, True, False)):
         settings = {k: v for k, v in learning.demo_aurora().items() if k != "preset"}  # the recipe's extra key
@@ -147,7 +147,7 @@ def test_ratios_are_taken_within_rounds():
 
 
 def _run(module: str, *args: str, timeout: int) -> None:
-    subprocess.run([sys.executable, "-m", f"benchmarks.{module}", *args], cwd=ROOT, check=True, timeout=timeout,
+    subprocess.run([sys.executable, "-m", f"bench.{module}", *args], cwd=ROOT, check=True, timeout=timeout,
                    stdout=subprocess.DEVNULL)
 
 

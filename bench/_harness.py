@@ -40,10 +40,10 @@ from torch import nn
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
-    from aurora_pet.config import AuroraConfig
-    from aurora_pet.integrations.lavis import momentum_pairs, wrap_blip
+    from aurora_pet.families import get_preset
+    from aurora_pet.families.lavis import FAMILY as LAVIS
+    from aurora_pet.families.lavis.wrap import wrap_blip
     from aurora_pet.model import AuroraModel, find_targets
-    from aurora_pet.presets import get_preset
 
 RESULTS = Path(__file__).with_name("results")
 
@@ -80,9 +80,7 @@ class Active:
 
 
 def arch_of(model: nn.Module) -> str:
-    from aurora_pet.integrations.lavis import architecture_of
-
-    return architecture_of(model)
+    return LAVIS.architecture(model)
 
 
 def heads_of(model: nn.Module, preset: str = "cross-attention") -> list[str]:
@@ -90,7 +88,7 @@ def heads_of(model: nn.Module, preset: str = "cross-attention") -> list[str]:
 
 
 def momentum_prefixes(model: nn.Module) -> list[str]:
-    return [tracking for _, tracking in momentum_pairs(model)]
+    return [tracking for _, tracking in LAVIS.momentum_pairs(model)]
 
 
 def _set_heads(model: nn.Module, heads: Sequence[str]) -> list[nn.Parameter]:
@@ -144,8 +142,6 @@ def _setup_aurora(model: nn.Module, method: Method, opts: dict[str, Any]) -> Act
     preset = opts.pop("preset", "cross-attention")
     merged = opts.pop("merged", False)
     randomise = opts.pop("randomise", False)
-    decoder = getattr(model, "text_decoder", None)
-    use_cache = decoder.config.use_cache if decoder is not None else None
     aurora = wrap_blip(model, preset, **opts)
     if randomise:  # a trained-looking adapter (V ≠ 0, ICE/GQT ≠ 0): outputs differ from the base model
         generator = torch.Generator().manual_seed(1)
@@ -159,10 +155,7 @@ def _setup_aurora(model: nn.Module, method: Method, opts: dict[str, Any]) -> Act
     def teardown() -> None:
         if aurora.merged:
             aurora.unmerge()
-        aurora.unload()
-        model.__dict__.pop("_momentum_update", None)  # wrap_blip's chained momentum update
-        if decoder is not None:
-            decoder.config.use_cache = use_cache
+        aurora.unload()  # also undoes the LAVIS family's patches (momentum update, decoder cache)
         _freeze(model)
 
     return Active(method, aurora, trainable, teardown, aurora=aurora)
@@ -170,16 +163,15 @@ def _setup_aurora(model: nn.Module, method: Method, opts: dict[str, Any]) -> Act
 
 def aurora_targets(model: nn.Module, preset: str = "cross-attention") -> list[str]:
     """The online modules Aurora adapts under `preset`, by Aurora's own matcher."""
-    config = AuroraConfig.from_preset(f"{arch_of(model)}/{preset}")
-    exclude = momentum_prefixes(model)
-    return [name for name, _ in find_targets(model, config, exclude=exclude)]
+    spec = get_preset(f"{arch_of(model)}/{preset}").target_modules
+    return [name for name, _ in find_targets(model, spec, exclude=momentum_prefixes(model))]
 
 
 def lora_targets(model: nn.Module, preset: str = "cross-attention") -> tuple[list[str], list[str]]:
     """(online targets, their momentum twins): Aurora's targets, and the twins LAVIS pairs them with."""
     online = aurora_targets(model, preset)
     twins = []
-    for source, tracking in momentum_pairs(model):
+    for source, tracking in LAVIS.momentum_pairs(model):
         twins += [tracking + name[len(source):] for name in online if name.startswith(source + ".")]
     return online, twins
 

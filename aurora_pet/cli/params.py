@@ -1,14 +1,16 @@
-"""`aurora-pet params`: how many parameters an Aurora configuration trains on a LAVIS BLIP architecture.
+"""`aurora-pet params`: how many parameters an Aurora configuration trains on a BLIP architecture.
 
-The real architecture is built with random weights (nothing is downloaded) and wrapped by `wrap_blip`,
-exactly as training wraps it, so the counts are those of a run, not of a formula. The base model is
-counted without BLIP retrieval's momentum copies, which are never trained; the output says so.
+The real architecture of the chosen model family (`lavis` or `hf`) is built with random weights (nothing
+is downloaded) and wrapped exactly as training wraps it, so the counts are those of a run, not of a
+formula. The base model is counted without BLIP retrieval's momentum copies (LAVIS), which are never
+trained; the output says so. Arguments are checked before anything is built.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import importlib.util
 import io
 import json
 import re
@@ -19,16 +21,19 @@ from torch import nn
 
 from ..config import CORES, AuroraConfig
 from ..errors import AuroraConfigError, AuroraError
-from ..presets import get_preset
+from ..families import get_family
 from ..report import add_comparisons, format_report, report_rows
 
-ARCHS = ("blip_retrieval", "blip_vqa")
+FAMILIES = ("lavis", "hf")
+ARCHS = ("blip_retrieval", "blip_vqa", "blip_captioning", "blip2")  # hf has all four, lavis the first two
 DEFAULT_PRESET = "cross-attention"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--arch", choices=ARCHS, default="blip_retrieval", help="LAVIS architecture")
-    parser.add_argument("--model-type", help="LAVIS model type (default: the architecture's first: coco, vqav2)")
+    parser.add_argument("--family", choices=FAMILIES, default=None,
+                        help="model family: lavis (Salesforce LAVIS) or hf (transformers); default: lavis where "
+                             "LAVIS is installed, else hf")
+    parser.add_argument("--arch", choices=ARCHS, default="blip_retrieval", help="architecture (default blip_retrieval)")
     targets = parser.add_mutually_exclusive_group()
     targets.add_argument("--preset", help=f"target preset: {DEFAULT_PRESET} (default), text-attention, reference, "
                                           "or a full name such as blip_vqa/reference")
@@ -49,30 +54,53 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     try:
-        config = config_from_args(args)
+        family_name = args.family or default_family()
+        family = get_family(family_name)
+        arch = architecture(family_name, args.arch)
+        config = config_from_args(args, arch)
         if args.lora_rank < 1:
             raise AuroraConfigError(f"--lora-rank must be a positive integer, got {args.lora_rank}")
-        print(f"Building LAVIS {args.arch} ({args.size} architecture) with random weights, nothing downloaded ...",
+        d = family.width(arch, args.size)
+        if args.rank > d:
+            raise AuroraConfigError(f"--rank {args.rank} exceeds the slice size d={d} of {args.size} {arch}; "
+                                    f"choose 1 ≤ rank ≤ {d}")
+        print(f"Building {family_name} {arch} ({args.size} architecture) with random weights, nothing downloaded ...",
               file=sys.stderr, flush=True)
-        from ..integrations.lavis import ARCHITECTURES  # imports LAVIS: only once the arguments are valid
-
-        model_type = args.model_type or ARCHITECTURES[args.arch][0]
-        model = build_model(args.arch, model_type, args.size)
+        model = build_model(family_name, arch, args.size)
         report = parameter_table(model, config, args.lora_rank)
-    except AuroraError as error:
+    except (AuroraError, ImportError) as error:
         print(f"aurora-pet params: error: {error}", file=sys.stderr)
         return 2
-    report["model"] = {"arch": args.arch, "model_type": model_type, "size": args.size}
+    report["model"] = {"family": family_name, "arch": arch, "size": args.size}
+    if report["trainable"] > report["adapted_parameters"]:
+        print(f"warning: this adapter trains {report['trainable']:,} parameters, more than the "
+              f"{report['adapted_parameters']:,} of the modules it adapts: lower --rank", file=sys.stderr)
     print(render(report, "json" if args.json else "csv" if args.csv else "text"))
     return 0
 
 
-def config_from_args(args: argparse.Namespace) -> AuroraConfig:
+def default_family() -> str:
+    return "lavis" if importlib.util.find_spec("lavis") is not None else "hf"
+
+
+def architecture(family: str, arch: str) -> str:
+    """The family's name of `arch`: transformers architectures carry an `hf_` prefix."""
+    name = f"hf_{arch}" if family == "hf" else arch
+    known = get_family(family).architectures
+    if name not in known:
+        raise AuroraConfigError(f"--arch {arch} is not a {family} architecture; {family} has "
+                                f"{', '.join(a.removeprefix('hf_') for a in known)}")
+    return name
+
+
+def config_from_args(args: argparse.Namespace, arch: str) -> AuroraConfig:
     """The preset's config (targets, ICE/GQT sites, heads) with the command line's changes."""
     preset = args.preset or DEFAULT_PRESET
-    name = preset if "/" in preset else f"{args.arch}/{preset}"
-    if get_preset(name).architecture != args.arch:
-        raise AuroraConfigError(f"preset {name!r} is for {get_preset(name).architecture}, not --arch {args.arch}")
+    name = preset if "/" in preset else f"{arch}/{preset}"
+    family = get_family(args.family or default_family())
+    if name not in family.presets:
+        raise AuroraConfigError(f"no preset {name!r} for {arch}; presets: "
+                                + ", ".join(p for p in family.presets if p.startswith(arch + "/")))
     overrides: dict[str, Any] = {"rank": args.rank, "core": args.core}
     if args.no_ice:
         overrides["ice"] = False
@@ -90,21 +118,20 @@ def parse_targets(text: str) -> str | list[str]:
     return text
 
 
-def build_model(arch: str, model_type: str, size: str) -> nn.Module:
-    from ..integrations.lavis import build_blip
-
-    return build_blip(arch, model_type, size=size)
+def build_model(family: str, arch: str, size: str) -> nn.Module:
+    return get_family(family).build(arch, size)
 
 
 def parameter_table(model: nn.Module, config: AuroraConfig, lora_rank: int) -> dict[str, Any]:
     """The report of `model` wrapped with `config`, with the LoRA and full fine-tuning comparisons.
 
     The wrapping is undone afterwards (the model can be counted again with another config)."""
-    from ..integrations.lavis import wrap_blip
+    from ..model import get_aurora_model
 
-    aurora = wrap_blip(model, config)
+    aurora = get_aurora_model(model, config)
     try:
         report = add_comparisons(aurora.parameter_report(), aurora, lora_rank)
+        report["adapted_parameters"] = sum(layer.module.weight.numel() for layer in aurora.layers.values())
     finally:
         aurora.unload()
     return {**report, "config": config.to_dict()}
@@ -123,6 +150,6 @@ def render(report: dict[str, Any], fmt: str) -> str:
         return out.getvalue().rstrip("\n")
     model = report["model"]
     config = report["config"]
-    title = (f"{model['arch']} ({model['model_type']}), {model['size']} architecture with random weights; targets "
+    title = (f"{model['family']} {model['arch']}, {model['size']} architecture with random weights; targets "
              f"{config['target_modules']}; ICE {'on' if config['ice'] else 'off'}, GQT {'on' if config['gqt'] else 'off'}")
     return title + "\n" + format_report(report)

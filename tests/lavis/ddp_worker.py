@@ -1,4 +1,4 @@
-"""One rank of tests/test_ddp.py, started by `python -m torch.distributed.run --nproc_per_node=2`.
+"""One rank of tests/lavis/test_ddp.py, started by `python -m torch.distributed.run --nproc_per_node=2`.
 
 A few optimizer steps of a tiny Aurora-wrapped BLIP retrieval model inside DistributedDataParallel, wrapped
 as LAVIS's RunnerBase does (no find_unused_parameters), on gloo/CPU with different data on each rank. Each
@@ -15,7 +15,8 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from aurora_pet.integrations.lavis import build_blip, wrap_blip
+from aurora_pet.families.lavis.build import build_blip
+from aurora_pet.families.lavis.wrap import wrap_blip
 
 CAPTIONS = ["a red circle on the left", "two blue squares", "a small green star", "a big yellow triangle",
             "three purple hexagons", "one orange square at the top"]

@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 from aurora_pet.training import CheckpointStore, RecipeError, ResumeError, dataset_options, load_recipe, train
-from aurora_pet.training.checkpoints import config_differences, save_state
+from aurora_pet.training.run_state import config_differences, save_state
 
 from .test_recipes import IMAGE_SIZE, RECIPES, retrieval_data, tiny_options
 

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from aurora_pet.data import write_retrieval_dataset, write_vqa_dataset
 from aurora_pet.training import DataError, RecipeError, dataset_options, load_recipe, train
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 RECIPES = ROOT / "recipes"
 IMAGE_SIZE = 32
 

@@ -1,6 +1,6 @@
 """The `aurora-pet` command line: `params`, `train`, `demo`.
 
-Each subcommand lives in `aurora_pet.commands.<name>` with `add_arguments(parser)` and
+Each subcommand lives in `aurora_pet.cli.<name>` with `add_arguments(parser)` and
 `run(args) -> int`; only the chosen one is imported, so `aurora-pet params` does not load the
 training stack.
 """
@@ -12,7 +12,7 @@ import importlib
 import sys
 
 COMMANDS = {
-    "params": "print the trainable-parameter table of a LAVIS BLIP configuration (no download)",
+    "params": "print the trainable-parameter table of a BLIP configuration, LAVIS or transformers (no download)",
     "train": "train and evaluate a recipe with LAVIS's runner and an Aurora adapter",
     "demo": "run the embedded demo end to end on the CPU (generated data, tiny BLIP, no download)",
 }
@@ -25,10 +25,8 @@ def main(argv: list[str] | None = None) -> int:
     for name, help_text in COMMANDS.items():
         sub = subparsers.add_parser(name, help=help_text, description=help_text)
         if argv and argv[0] == name:
-            importlib.import_module(f"aurora_pet.commands.{name}").add_arguments(sub)
+            importlib.import_module(f"aurora_pet.cli.{name}").add_arguments(sub)
     args = parser.parse_args(argv)
-    return importlib.import_module(f"aurora_pet.commands.{args.command}").run(args)
+    return importlib.import_module(f"aurora_pet.cli.{args.command}").run(args)
 
 
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,4 +1,4 @@
-"""Offline construction of LAVIS BLIP models and checkpoint loading (aurora_pet.integrations.lavis)."""
+"""Offline construction of LAVIS BLIP models and checkpoint loading (aurora_pet.families.lavis.build)."""
 
 from __future__ import annotations
 
@@ -13,8 +13,9 @@ import torch
 from safetensors.torch import save_file, save_model
 from transformers import BertTokenizer
 
-from aurora_pet.integrations.lavis import (
-    ARCHITECTURES, DEFAULT_VOCAB, CheckpointError, blip_tokenizer, build_blip, load_checkpoint, momentum_pairs,
+from aurora_pet.families.lavis import FAMILY
+from aurora_pet.families.lavis.build import (
+    ARCHITECTURES, DEFAULT_VOCAB, CheckpointError, blip_tokenizer, build_blip, load_checkpoint,
 )
 from lavis.models.blip_models.blip_retrieval import BlipRetrieval
 from lavis.models.blip_models.blip_vqa import BlipVQA
@@ -135,15 +136,15 @@ def test_tiny_vqa_loss_and_predictions():
 
 def test_momentum_pairs():
     model = tiny()
-    pairs = momentum_pairs(model)
+    pairs = FAMILY.momentum_pairs(model)
     assert pairs == [("visual_encoder", "visual_encoder_m"), ("text_encoder", "text_encoder_m"),
                      ("vision_proj", "vision_proj_m"), ("text_proj", "text_proj_m")]
     for online, momentum in pairs:
         shapes = [p.shape for p in model.get_submodule(online).parameters()]
         assert shapes == [p.shape for p in model.get_submodule(momentum).parameters()]
     wrapper = torch.nn.ModuleDict({"base": model})
-    assert momentum_pairs(wrapper)[0] == ("base.visual_encoder", "base.visual_encoder_m")
-    assert momentum_pairs(tiny("blip_vqa")) == []
+    assert FAMILY.momentum_pairs(wrapper)[0] == ("base.visual_encoder", "base.visual_encoder_m")
+    assert FAMILY.momentum_pairs(tiny("blip_vqa")) == []
 
 
 # --- the real BLIP-base architecture ------------------------------------------------------------------

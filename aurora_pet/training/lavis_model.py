@@ -37,7 +37,8 @@ def build_model(recipe: Recipe) -> tuple[nn.Module, Any, Any]:
     With an ``aurora:`` section the first is the ``AuroraModel`` (base frozen, adapter trainable);
     without one it is the LAVIS model itself, trained in full (every parameter LAVIS leaves trainable).
     """
-    from ..integrations.lavis import build_blip, load_checkpoint, wrap_blip
+    from ..families.lavis.build import build_blip, load_checkpoint
+    from ..families.lavis.wrap import wrap_blip
 
     model_cfg = recipe.cfg.model_cfg
     settings = recipe.model_settings

@@ -9,13 +9,14 @@ from aurora_pet.factors import num_factor_parameters
 from .toy import ToyModel, toy_inputs
 
 ALL = r"blocks\.\d+\.(qkv|proj|fc1|fc2|crossattention\.(query|key|value|dense))"
+SITES = r"blocks\.\d+\.crossattention"  # the toy belongs to no family: its fusion sites are named
 
 
 def wrap(core="cp", seed=0, **overrides):
     torch.manual_seed(seed)
     base = ToyModel()
     reference = copy.deepcopy(base)
-    fields = dict(rank=4, target_modules=ALL, core=core, dropout=0.0, modules_to_save=["head"])
+    fields = dict(rank=4, target_modules=ALL, core=core, dropout=0.0, modules_to_save=["head"], fusion_modules=SITES)
     return get_aurora_model(base, AuroraConfig(**{**fields, **overrides})), reference
 
 
@@ -40,7 +41,8 @@ def test_base_parameter_names_are_unchanged_and_strict_loading_works():
     torch.manual_seed(0)
     base = ToyModel()
     state = copy.deepcopy(base.state_dict())
-    model = get_aurora_model(base, AuroraConfig(rank=4, target_modules=ALL, ice=True, gqt=True))
+    model = get_aurora_model(base, AuroraConfig(rank=4, target_modules=ALL, ice=True, gqt=True,
+                                                                  fusion_modules=SITES))
     assert list(model.base_model.state_dict()) == list(state)
     model.base_model.load_state_dict(state, strict=True)
     assert all(type(m).__name__ == "Linear" for n, m in model.base_model.named_modules() if n in model.layers)
@@ -84,9 +86,9 @@ def test_factored_and_materialised_forward_agree(core):
     model, _ = wrap(core)
     perturb(model)
     inputs = toy_inputs(tokens=9)
-    model.config.forward_mode = "factored"
+    model.aurora_config.forward_mode = "factored"
     factored = model(*inputs)
-    model.config.forward_mode = "materialised"
+    model.aurora_config.forward_mode = "materialised"
     materialised = model(*inputs)
     torch.testing.assert_close(factored, materialised, rtol=1e-5, atol=1e-5)
     grads = []
@@ -225,18 +227,27 @@ def test_target_shape_not_a_multiple_of_d():
 
 
 def test_fusion_without_sites_and_unknown_heads():
-    with pytest.raises(TargetError, match="no fusion site"):
+    with pytest.raises(TargetError, match="no module matches fusion_modules"):
         wrap(ice=True, fusion_modules=r"blocks\.\d+\.selfattention")
     with pytest.raises(TargetError, match="modules_to_save entry 'heads'.*head"):
         wrap(modules_to_save=["heads"])
 
 
+def test_a_model_of_no_family_must_name_its_targets_and_fusion_sites():
+    with pytest.raises(TargetError, match="no known model family.*target_modules"):
+        get_aurora_model(ToyModel(), AuroraConfig(rank=4))
+    with pytest.raises(TargetError, match="no known model family.*fusion_modules"):
+        get_aurora_model(ToyModel(), AuroraConfig(rank=4, target_modules=ALL, ice=True))
+    with pytest.raises(TargetError, match="is a preset name.*no known model family"):
+        get_aurora_model(ToyModel(), AuroraConfig(rank=4, target_modules="cross-attention"))
+
+
 def test_wrapping_twice_is_refused():
     model, _ = wrap()
     with pytest.raises(TypeError, match="already an AuroraModel"):
-        get_aurora_model(model, model.config)
+        get_aurora_model(model, model.aurora_config)
     with pytest.raises(RuntimeError, match="already has an adapter"):
-        get_aurora_model(model.base_model, model.config)
+        get_aurora_model(model.base_model, model.aurora_config)
 
 
 def test_momentum_copies_track_the_adapter_by_moving_average():

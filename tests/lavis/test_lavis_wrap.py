@@ -10,9 +10,11 @@ import torch
 from torch import nn
 
 from aurora_pet import AdapterFileError, AuroraConfigError, AuroraModel, TargetError
-from aurora_pet.integrations.lavis import (
-    ARCHITECTURES, build_blip, load_blip_adapter, momentum_pairs, wrap_blip,
-)
+from aurora_pet.families.lavis import FAMILY
+from aurora_pet.families.lavis.build import ARCHITECTURES, build_blip
+from aurora_pet.families.lavis.wrap import load_blip_adapter, wrap_blip
+
+momentum_pairs = FAMILY.momentum_pairs
 
 PRESETS = ["cross-attention", "text-attention", "reference"]
 HEADS = {"blip_retrieval": ("itm_head", "vision_proj", "text_proj"), "blip_vqa": ()}
@@ -76,7 +78,7 @@ def assert_one_step_reaches_exactly_the_trainable_set(aurora: AuroraModel, arch:
 @pytest.mark.parametrize("preset", PRESETS)
 def test_retrieval_step_trains_exactly_the_adapter(preset):
     aurora = wrap_blip(tiny(), preset)
-    assert aurora.config.ice and aurora.config.gqt
+    assert aurora.aurora_config.ice and aurora.aurora_config.gqt
     output = aurora(retrieval_samples())
     assert torch.isfinite(output.loss_itc) and torch.isfinite(output.loss_itm)
     assert_one_step_reaches_exactly_the_trainable_set(aurora, "blip_retrieval", output.loss)
@@ -360,7 +362,7 @@ def test_save_and_load_round_trip(tmp_path):
     assert loaded.adapter_state_dict().keys() == saved.keys() and any(k.startswith("factors_m.") for k in saved)
     for key, value in loaded.adapter_state_dict().items():
         assert torch.equal(value, saved[key]), key
-    assert loaded.config == aurora.config and set(loaded.momentum_layers) == set(aurora.momentum_layers)
+    assert loaded.aurora_config == aurora.aurora_config and set(loaded.momentum_layers) == set(aurora.momentum_layers)
     outputs = []
     for model in (aurora.eval(), loaded.eval()):
         torch.manual_seed(3)

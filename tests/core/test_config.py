@@ -1,6 +1,7 @@
 import pytest
 
-from aurora_pet import PRESETS, AuroraConfig, AuroraConfigError, get_preset
+from aurora_pet import AuroraConfig, AuroraConfigError, all_presets, get_preset
+from aurora_pet.families import get_family
 
 
 def test_json_round_trip(tmp_path):
@@ -17,7 +18,11 @@ def test_json_round_trip(tmp_path):
     ("rank", -3, "rank must be a positive integer"),
     ("rank", 2.5, "rank must be a positive integer"),
     ("core", "tt", "core must be one of"),
-    ("dropout", 1.0, r"dropout must be in \[0, 1\)"),
+    ("dropout", 1.0, r"dropout must be a number in \[0, 1\)"),
+    ("dropout", "0.1", r"dropout must be a number"),
+    ("rank", True, "rank must be a positive integer"),
+    ("ice", "yes", "ice must be true or false"),
+    ("modules_to_save", [1], "modules_to_save"),
     ("scale", float("nan"), "scale must be a finite number"),
     ("target_modules", "(unclosed", "not a valid regex"),
     ("target_modules", [], "target_modules must be"),
@@ -44,6 +49,23 @@ def test_presets():
     config = AuroraConfig.from_preset("blip_retrieval/cross-attention", rank=16)
     assert config.rank == 16 and config.ice and config.gqt
     assert config.modules_to_save == ["itm_head", "vision_proj", "text_proj"]
-    assert {name.split("/")[1] for name in PRESETS} == {"cross-attention", "text-attention", "reference"}
+    assert {p.kind for p in get_family("lavis").presets.values()} == {"cross-attention", "text-attention", "reference"}
+    assert {p.architecture for p in all_presets().values()} >= {"blip_retrieval", "blip_vqa", "hf_blip_retrieval",
+                                                                 "hf_blip_vqa", "hf_blip2"}
     with pytest.raises(AuroraConfigError, match="did you mean 'blip_vqa/reference'"):
         get_preset("blip_vqa/referense")
+
+
+def test_presets_import_no_third_party_model_library():
+    """Presets are plain data: listing them never imports LAVIS or transformers (core runs in both envs)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, aurora_pet; aurora_pet.all_presets(); "
+            "assert 'lavis' not in sys.modules and 'transformers' not in sys.modules, sorted(sys.modules)")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_short_preset_names_need_a_model():
+    with pytest.raises(AuroraConfigError, match="cross-attention"):
+        AuroraConfig.from_preset("cross-atention")

@@ -22,7 +22,7 @@ loaded LAVIS model (``_method_model``); everything else (data, optimiser, evalua
 Learning rates are fixed a priori, not tuned per method: the demo's adaptation rate for the
 parameter-efficient methods and the heads, the pre-training rate for full fine-tuning.
 
-Run ``python -m benchmarks.learning`` (about 35 minutes on 2 cores) or ``--quick`` (a few minutes).
+Run ``python -m bench.learning`` (about 35 minutes on 2 cores) or ``--quick`` (a few minutes).
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ import statistics
 import tempfile
 import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -97,8 +97,8 @@ def run(setup: Setup, spec: Spec, seed: int, index: int, verbose: bool = False) 
     recipe = demo.demo_recipe(setup.written, out / "run", pretrained=setup.pretrained, aurora=aurora, run=run_cfg)
     path = write_recipe(out / "recipe.yaml", recipe)
     start = time.perf_counter()
-    with _method_model(spec), _quiet(not verbose):
-        result = train(path, quiet=True)
+    with _quiet(not verbose):
+        result = train(path, quiet=True, prepare_model=_prepare(spec))
     seconds = time.perf_counter() - start
     model = result.model
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -124,31 +124,20 @@ def evaluate_pretrained(setup: Setup, verbose: bool = False) -> dict[str, float]
     return metrics
 
 
-@contextlib.contextmanager
-def _method_model(spec: Spec) -> Iterator[None]:
-    """Let the trainer build (and load) the LAVIS model, then install LoRA or heads-only on it."""
+def _prepare(spec: Spec) -> Callable[[Any], None] | None:
+    """The trainer's `prepare_model` hook that installs LoRA or heads-only on the built LAVIS model."""
     if spec.kind not in ("lora", "heads"):
-        yield
-        return
-    from aurora_pet.training import model as training_model
+        return None
 
-    original = training_model.build_model
-
-    def build(recipe):
-        model, lavis_model, report = original(recipe)
+    def prepare(lavis_model: Any) -> None:
         if spec.kind == "lora":
             inject_lora(lavis_model, **spec.options)
         else:
             lavis_model.requires_grad_(False)
         for name in HEADS:
             getattr(lavis_model, name).requires_grad_(True)
-        return model, lavis_model, report
 
-    training_model.build_model = build
-    try:
-        yield
-    finally:
-        training_model.build_model = original
+    return prepare
 
 
 def inject_lora(model, rank: int = 8, alpha: float | None = None, dropout: float = 0.0,

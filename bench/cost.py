@@ -22,7 +22,7 @@ Measured on LAVIS's real BLIP architectures with random weights, on the CPU:
   VQA answer scoring (encoder + teacher-forced decoder). ``torch.no_grad()``, eval mode.
 - adapter files: ``save_pretrained`` (Aurora's and peft's), bytes of ``adapter_model.safetensors``.
 
-Run ``python -m benchmarks.cost`` (BLIP-base) or ``python -m benchmarks.cost --quick`` (tiny models, a
+Run ``python -m bench.cost`` (BLIP-base) or ``python -m benchmarks.cost --quick`` (tiny models, a
 smoke test; its BLIP-base adapter sizes are real, its timings mean nothing). See BENCHMARKS.md.
 """
 
@@ -73,13 +73,14 @@ def inference_methods(rank: int = 64, lora_rank: int = 8) -> list[H.Method]:
 def build(arch: str, size: str, image_size: int | None) -> torch.nn.Module:
     """LAVIS BLIP with random weights. `wrap_blip` switches LAVIS's fairscale ViT checkpointing to PyTorch's
     non-reentrant form and leaves it so; it is done here up front so that every method runs the same ViT."""
-    from aurora_pet.integrations import lavis
+    from aurora_pet.families.lavis import checkpoint_without_reentry
+    from aurora_pet.families.lavis.build import build_blip
 
     torch.manual_seed(0)
     name, model_type = ARCHS[arch]
     with H.quiet():
-        model = lavis.build_blip(name, model_type, size=size, image_size=image_size)
-    lavis._checkpoint_without_reentry(model)
+        model = build_blip(name, model_type, size=size, image_size=image_size)
+    checkpoint_without_reentry(model)
     return model
 
 

@@ -5,7 +5,7 @@ import torch
 from safetensors.torch import load_file
 
 from aurora_pet import AdapterFileError, AuroraModel
-from aurora_pet.checkpoint import CONFIG_NAME, WEIGHTS_NAME
+from aurora_pet.adapter_files import CONFIG_NAME, WEIGHTS_NAME
 
 from .test_model import ALL, perturb, wrap
 from .toy import ToyModel, toy_inputs
@@ -29,7 +29,7 @@ def test_save_then_load_into_a_fresh_base_gives_identical_outputs(trained):
     model.eval(), loaded.eval()
     inputs = toy_inputs()
     torch.testing.assert_close(loaded(*inputs), model(*inputs), rtol=0, atol=0)
-    assert loaded.config == model.config
+    assert loaded.aurora_config == model.aurora_config
 
 
 def test_adapter_file_holds_only_adapter_tensors(trained):
@@ -47,7 +47,7 @@ def test_adapter_for_a_different_model_names_the_mismatch(trained, tmp_path):
     other, _ = wrap(target_modules=r"blocks\.\d+\.(qkv|proj)", ice=True, gqt=True)
     with pytest.raises(AdapterFileError, match=r"different model.*targets only in the file: blocks\.0\.crossattention"):
         other.load_adapter(path)
-    wider = AuroraModel(ToyModel(d=32), other.config.__class__(**{**other.config.to_dict(), "target_modules": ALL}))
+    wider = AuroraModel(ToyModel(d=32), other.aurora_config.__class__(**{**other.aurora_config.to_dict(), "target_modules": ALL}))
     with pytest.raises(AdapterFileError, match="slice size d: file 16 vs model 32"):
         wider.load_adapter(path)
 
@@ -81,7 +81,7 @@ def test_missing_files_and_bad_config(tmp_path, trained):
     model, path = trained
     with pytest.raises(AdapterFileError, match="adapter file not found: .*adapter_config.json"):
         AuroraModel.from_pretrained(ToyModel(), tmp_path / "nowhere")
-    (path / CONFIG_NAME).write_text(json.dumps({**model.config.to_dict(), "rnak": 3}))
+    (path / CONFIG_NAME).write_text(json.dumps({**model.aurora_config.to_dict(), "rnak": 3}))
     with pytest.raises(AdapterFileError, match="adapter_config.json: unknown AuroraConfig keys: 'rnak'"):
         AuroraModel.from_pretrained(ToyModel(), path)
 
@@ -90,7 +90,7 @@ def test_save_leaves_no_temporary_files_on_failure(tmp_path, monkeypatch):
     model, _ = wrap()
     model.save_pretrained(tmp_path)
     before = (tmp_path / WEIGHTS_NAME).read_bytes()
-    import aurora_pet.checkpoint as checkpoint
+    import aurora_pet.adapter_files as checkpoint
 
     def failing_save(*args, **kwargs):
         raise OSError("disk full")

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from aurora_pet.cli import main
-from aurora_pet.commands import params
+from aurora_pet.cli import params
 
 BUILD = params.build_model
 D = 768
