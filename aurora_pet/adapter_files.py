@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +16,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from .atomic import atomic_files
 from .config import AuroraConfig
 from .errors import AdapterFileError, AuroraConfigError
 
@@ -28,26 +27,16 @@ FORMAT_VERSION = "1"
 
 def save_adapter(path: str | Path, config: AuroraConfig, tensors: dict[str, torch.Tensor],
                  layout: dict[str, Any]) -> Path:
-    """Write both files; each appears whole or not at all (temporary file + rename)."""
+    """Write both files; both are written before either replaces its predecessor (see `atomic_files`)."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     metadata = {"format": "aurora-pet", "format_version": FORMAT_VERSION, "layout": json.dumps(layout),
                 "sha256": _digest(cpu)}
-    _atomic_write(path / WEIGHTS_NAME, lambda tmp: save_file(cpu, tmp, metadata=metadata))
-    _atomic_write(path / CONFIG_NAME, lambda tmp: Path(tmp).write_text(config.to_json() + "\n"))
+    with atomic_files([path / WEIGHTS_NAME, path / CONFIG_NAME]) as (weights, config_file):
+        save_file(cpu, str(weights), metadata=metadata)
+        config_file.write_text(config.to_json() + "\n", encoding="utf-8")
     return path
-
-
-def _atomic_write(destination: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{destination.name}.", dir=destination.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, destination)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def load_adapter_config(path: str | Path) -> AuroraConfig:

@@ -27,7 +27,7 @@ from . import adapter_files
 from .config import AuroraConfig
 from .errors import AuroraConfigError, MergeError, TargetError
 from .factors import ModeFactors
-from .families import Family, FusionInputs, Preset, all_presets, family_of
+from .families import FAMILY_NAMES, Family, FusionInputs, Preset, all_presets, family_of, get_family
 from .fusion import FusionSite
 from .layer import AuroraLinear
 
@@ -324,8 +324,10 @@ def resolve_targets(model: nn.Module, config: AuroraConfig, family: Family | Non
             raise TargetError(f"{what}, and {type(model).__name__} belongs to no known model family: set "
                               "target_modules to a regex or a list of module-name suffixes")
         if spec in presets and spec not in own:
-            raise TargetError(f"preset {spec!r} is for {presets[spec].architecture} models, but "
-                              f"{type(model).__name__} is a {family.name} model; its presets: {', '.join(own)}")
+            other = presets[spec]
+            raise TargetError(f"preset {spec!r} is for {_family_title(other)} {other.architecture} models, but "
+                              f"{type(model).__name__} is a {family.title} {family.architecture(model)} model: use "
+                              f"{family.architecture(model)}/{other.kind} (or the short name {other.kind!r})")
         preset = family.preset(model, spec)
     fusion = config.fusion_modules
     if fusion is None and (config.ice or config.gqt) and family is not None:
@@ -334,6 +336,10 @@ def resolve_targets(model: nn.Module, config: AuroraConfig, family: Family | Non
     if heads is None:
         heads = list(preset.modules_to_save) if preset else []
     return TargetPlan(preset.target_modules if preset else spec, fusion, list(heads), preset)
+
+
+def _family_title(preset: Preset) -> str:
+    return next(f.title for f in map(get_family, FAMILY_NAMES) if preset.name in f.presets)
 
 
 def find_targets(model: nn.Module, spec: str | list[str], exclude: Sequence[str] = ()) -> list[tuple[str, nn.Linear]]:
@@ -364,7 +370,10 @@ def infer_slice_size(targets: list[tuple[str, nn.Linear]], config: AuroraConfig)
            if m.out_features % d or m.in_features % d]
     if bad:
         raise TargetError(f"these targets cannot be cut into {d}×{d} slices (shape not a multiple of d={d}): "
-                          + ", ".join(bad[:10]) + (f" and {len(bad) - 10} more" if len(bad) > 10 else ""))
+                          + ", ".join(bad[:10]) + (f" and {len(bad) - 10} more" if len(bad) > 10 else "")
+                          + ". Targets of mixed widths (such as BLIP-2's Q-Former keys/values, which read the "
+                            "wider vision features) are not supported yet: leave them out of target_modules or "
+                            "set slice_size to a width that divides every target's")
     if config.rank > d:
         raise AuroraConfigError(f"rank {config.rank} exceeds the slice size d={d}; choose 1 ≤ rank ≤ {d}")
     return d

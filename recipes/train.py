@@ -6,7 +6,7 @@
 
 import sys
 
-from aurora_pet.commands.train import main
+from aurora_pet.cli.train import main
 
 if __name__ == "__main__":
     sys.exit(main())

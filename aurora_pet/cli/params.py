@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import difflib
 import importlib.util
 import io
 import json
@@ -21,10 +22,10 @@ from torch import nn
 
 from ..config import CORES, AuroraConfig
 from ..errors import AuroraConfigError, AuroraError
-from ..families import get_family
+from ..families import FAMILY_NAMES, get_family
 from ..report import add_comparisons, format_report, report_rows
 
-FAMILIES = ("lavis", "hf")
+FAMILIES = FAMILY_NAMES
 ARCHS = ("blip_retrieval", "blip_vqa", "blip_captioning", "blip2")  # hf has all four, lavis the first two
 DEFAULT_PRESET = "cross-attention"
 
@@ -64,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
         if args.rank > d:
             raise AuroraConfigError(f"--rank {args.rank} exceeds the slice size d={d} of {args.size} {arch}; "
                                     f"choose 1 ≤ rank ≤ {d}")
-        print(f"Building {family_name} {arch} ({args.size} architecture) with random weights, nothing downloaded ...",
+        print(f"Building {family.title} {arch} ({args.size} architecture) with random weights, nothing downloaded ...",
               file=sys.stderr, flush=True)
         model = build_model(family_name, arch, args.size)
         report = parameter_table(model, config, args.lora_rank)
@@ -98,9 +99,14 @@ def config_from_args(args: argparse.Namespace, arch: str) -> AuroraConfig:
     preset = args.preset or DEFAULT_PRESET
     name = preset if "/" in preset else f"{arch}/{preset}"
     family = get_family(args.family or default_family())
+    own = [p for p in family.presets if p.startswith(arch + "/")]
     if name not in family.presets:
-        raise AuroraConfigError(f"no preset {name!r} for {arch}; presets: "
-                                + ", ".join(p for p in family.presets if p.startswith(arch + "/")))
+        close = difflib.get_close_matches(name, own, 3)
+        hint = f" (did you mean {', '.join(repr(c) for c in close)}?)" if close else ""
+        raise AuroraConfigError(f"unknown preset {name!r}{hint}; presets for {arch}: {', '.join(own)}")
+    if not name.startswith(arch + "/"):
+        raise AuroraConfigError(f"preset {name!r} is for {family.presets[name].architecture}, not --arch "
+                                f"{arch.removeprefix('hf_')}; presets for {arch}: {', '.join(own)}")
     overrides: dict[str, Any] = {"rank": args.rank, "core": args.core}
     if args.no_ice:
         overrides["ice"] = False
@@ -150,6 +156,6 @@ def render(report: dict[str, Any], fmt: str) -> str:
         return out.getvalue().rstrip("\n")
     model = report["model"]
     config = report["config"]
-    title = (f"{model['family']} {model['arch']}, {model['size']} architecture with random weights; targets "
+    title = (f"{get_family(model['family']).title} {model['arch']}, {model['size']} architecture with random weights; targets "
              f"{config['target_modules']}; ICE {'on' if config['ice'] else 'off'}, GQT {'on' if config['gqt'] else 'off'}")
     return title + "\n" + format_report(report)

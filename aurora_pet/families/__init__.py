@@ -17,13 +17,14 @@ from torch import nn
 from ..errors import AuroraConfigError
 from .base import Family, FusionInputs, Preset
 
-__all__ = ["Family", "FusionInputs", "Preset", "all_presets", "family_of", "get_family", "get_preset"]
+__all__ = ["FAMILY_NAMES", "Family", "FusionInputs", "Preset", "all_presets", "family_of", "get_family", "get_preset"]
 
 # name -> (package with FAMILY, module prefix of the family's model classes)
 _FAMILIES: dict[str, tuple[str, str]] = {
     "lavis": ("aurora_pet.families.lavis", "lavis."),
     "hf": ("aurora_pet.families.hf", "transformers."),
 }
+FAMILY_NAMES = tuple(_FAMILIES)
 
 
 @cache

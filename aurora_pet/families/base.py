@@ -78,6 +78,7 @@ class Family:
     architecture (a key of the presets' `architecture`), or raises `TargetError`."""
 
     name: str = ""
+    title: str = ""  # how messages name the family
     presets: Mapping[str, Preset] = {}
     default_kind: str = "cross-attention"
 
@@ -102,12 +103,14 @@ class Family:
         full = f"{arch}/{name or self.default_kind}" if name is None or "/" not in name else name
         if full not in self.presets:
             own = [n for n, p in self.presets.items() if p.architecture == arch]
-            close = difflib.get_close_matches(full, own, 3) or own
-            raise AuroraConfigError(f"no preset {name!r} for {self.name} {arch} models; presets: {', '.join(close)}")
+            close = difflib.get_close_matches(full, own, 3)
+            hint = f" (did you mean {', '.join(repr(c) for c in close)}?)" if close else ""
+            raise AuroraConfigError(f"unknown preset {full!r}{hint}; presets for {self.title} {arch} models: "
+                                    f"{', '.join(own)}")
         preset = self.presets[full]
         if preset.architecture != arch:
-            raise TargetError(f"preset {full!r} is for {self.name} {preset.architecture} models, but this model "
-                              f"is a {self.name} {arch} ({type(model).__name__}); use {arch}/{preset.kind}")
+            raise TargetError(f"preset {full!r} is for {self.title} {preset.architecture} models, but this model "
+                              f"is a {self.title} {arch} ({type(model).__name__}); use {arch}/{preset.kind}")
         return preset
 
     def fusion_inputs(self, model: nn.Module, site: str) -> FusionInputs:

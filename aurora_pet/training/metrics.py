@@ -8,10 +8,10 @@ import csv
 import io
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
+
+from ..atomic import atomic_file, atomic_text
 
 MAIN_METRIC = "agg_metrics"  # LAVIS: retrieval mean of text R@1/5/10; VQA overall accuracy
 
@@ -27,13 +27,6 @@ def flatten(split: str, log: dict[str, Any] | None) -> dict[str, Any]:
     return out
 
 
-def _atomic_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as handle:
-        handle.write(text)
-    os.replace(tmp, path)
-
-
 def write_metrics(output_dir: Path, history: list[dict[str, Any]], final: dict[str, Any] | None = None) -> None:
     columns: list[str] = []
     rows = history + ([final] if final else [])
@@ -44,8 +37,8 @@ def write_metrics(output_dir: Path, history: list[dict[str, Any]], final: dict[s
     writer.writeheader()
     for row in rows:
         writer.writerow(row)
-    _atomic_text(output_dir / "metrics.csv", buffer.getvalue())
-    _atomic_text(output_dir / "metrics.json", json.dumps({"epochs": history, "final": final}, indent=2) + "\n")
+    atomic_text(output_dir / "metrics.csv", buffer.getvalue())
+    atomic_text(output_dir / "metrics.json", json.dumps({"epochs": history, "final": final}, indent=2) + "\n")
 
 
 def main_metric_split(history: list[dict[str, Any]]) -> str | None:
@@ -97,9 +90,8 @@ def plot_metrics(output_dir: Path, history: list[dict[str, Any]], final: dict[st
         fig.suptitle(title)
     fig.tight_layout()
     path = output_dir / "metrics.png"
-    fd, tmp = tempfile.mkstemp(prefix=".metrics.", suffix=".png", dir=output_dir)
-    os.close(fd)
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        atomic_file(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
+    finally:
+        plt.close(fig)
     return path

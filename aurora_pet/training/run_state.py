@@ -20,9 +20,6 @@ trainable weights instead of the adapter files.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -32,6 +29,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..adapter_files import CONFIG_NAME, WEIGHTS_NAME, load_adapter_config
+from ..atomic import atomic_directory, atomic_text, remove_temporaries
 from ..errors import AuroraError
 from ..model import AuroraModel
 
@@ -76,35 +74,10 @@ class CheckpointStore:
     # -- writing ---------------------------------------------------------------------------------
     def commit(self, name: str, write: Callable[[Path], None]) -> Path:
         """Run ``write(tmp_dir)`` and rename the directory to ``name``, replacing any previous one."""
-        self.root.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=self.root))
-        try:
-            write(tmp)
-            _fsync_dir(tmp)
-            final = self.root / name
-            old = None
-            if final.exists():
-                old = self.root / f".old-{name}-{os.getpid()}"
-                shutil.rmtree(old, ignore_errors=True)
-                os.replace(final, old)
-            os.replace(tmp, final)
-            _fsync_dir(self.root)
-            if old is not None:
-                shutil.rmtree(old, ignore_errors=True)
-            return final
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+        return atomic_directory(self.root / name, write)
 
     def set_latest(self, directory: Path, epoch: int) -> None:
-        pointer = self.root / LATEST
-        fd, tmp = tempfile.mkstemp(prefix=".latest-", dir=self.root)
-        with os.fdopen(fd, "w") as handle:
-            json.dump({"epoch": epoch, "dir": directory.name}, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, pointer)
-        _fsync_dir(self.root)
+        atomic_text(self.root / LATEST, json.dumps({"epoch": epoch, "dir": directory.name}))
 
     def prune_resume_states(self, keep: Path) -> None:
         """Drop the (large) resume state from every epoch directory but ``keep``."""
@@ -114,25 +87,7 @@ class CheckpointStore:
 
     def clean_temporaries(self) -> None:
         """Remove what an interrupted commit left behind (never a committed checkpoint)."""
-        for leftover in list(self.root.glob(".tmp-*")) + list(self.root.glob(".old-*")) + \
-                list(self.root.glob(".latest-*")):
-            if leftover.is_dir():
-                shutil.rmtree(leftover, ignore_errors=True)
-            else:
-                leftover.unlink(missing_ok=True)
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+        remove_temporaries(self.root)
 
 
 # -- weights ---------------------------------------------------------------------------------------

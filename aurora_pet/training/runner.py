@@ -35,6 +35,7 @@ from lavis.runners.runner_base import RunnerBase
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm.auto import tqdm
 
+from ..atomic import atomic_directory
 from . import run_state as ckpt
 from .lavis_env import barrier, gather_rng_states, set_rng_state
 from .metrics import flatten, plot_metrics, write_metrics
@@ -178,16 +179,13 @@ class AuroraRunner(RunnerBase):
             return
         source = self.store.best_dir if test_epoch == "best" else self.store.latest()
         if source is not None:
-            final = self.output_dir / ("adapter" if self.aurora else "model")
-            tmp = self.output_dir / f".{final.name}.tmp"
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir()
-            for file in source.iterdir():
-                if file.name not in (ckpt.STATE_NAME, ckpt.RESUME_NAME):
-                    shutil.copy2(file, tmp / file.name)
-            shutil.rmtree(final, ignore_errors=True)
-            tmp.rename(final)
-            self.final_weights = final
+            def copy_weights(tmp: Path) -> None:
+                for file in source.iterdir():
+                    if file.name not in (ckpt.STATE_NAME, ckpt.RESUME_NAME):
+                        shutil.copy2(file, tmp / file.name)
+
+            self.final_weights = atomic_directory(self.output_dir / ("adapter" if self.aurora else "model"),
+                                                  copy_weights)
         write_metrics(self.output_dir, self.history, self.final)
         if self.config.run_cfg.get("plot", True):
             self.plot_path = plot_metrics(self.output_dir, self.history, self.final, self.title,

@@ -30,13 +30,13 @@ CROSS_ATTENTION = ["--preset", "cross-attention", "--rank", "64"]
 
 @pytest.fixture(scope="module")
 def build():
-    """`params.build_model` with one model per (arch, model type, size) for the whole module."""
+    """`params.build_model` with one model per (family, arch, size) for the whole module."""
     cache = {}
 
-    def cached(arch: str, model_type: str, size: str):
-        if (arch, model_type, size) not in cache:
-            cache[arch, model_type, size] = BUILD(arch, model_type, size)
-        return cache[arch, model_type, size]
+    def cached(family: str, arch: str, size: str):
+        if (family, arch, size) not in cache:
+            cache[family, arch, size] = BUILD(family, arch, size)
+        return cache[family, arch, size]
 
     return cached
 
@@ -106,7 +106,7 @@ def test_vqa_cross_attention_counts(cli):
     report = as_json(cli, "--arch", "blip_vqa", *CROSS_ATTENTION, "--no-ice", "--no-gqt")
     assert report["num_slices"] == 96  # 12 encoder + 12 decoder layers × q, k, v, o
     assert report["groups"] == {"factors": (2 * D + 96 + 1) * 64, "ice": 0, "gqt": 0, "heads": 0}
-    assert report["base_excludes"] == [] and report["model"]["model_type"] == "vqav2"
+    assert report["base_excludes"] == [] and report["model"] == {"family": "lavis", "arch": "blip_vqa", "size": "base"}
 
 
 @pytest.mark.parametrize(("targets", "slices"), [
@@ -130,7 +130,8 @@ def test_parse_targets():
     (["--rank", "0"], r"rank must be a positive integer"),
     (["--rank", "1000"], r"rank 1000 exceeds the slice size d=768"),
     (["--lora-rank", "0"], r"--lora-rank must be a positive integer"),
-    (["--model-type", "vqav2"], r"unknown model_type 'vqav2' for blip_retrieval"),
+    (["--arch", "blip2"], r"--arch blip2 is not a lavis architecture"),
+    (["--family", "hf"], r"the hf family needs transformers>=5"),
 ])
 def test_bad_arguments_are_clear_errors(cli, argv, message):
     code, out, err = cli(*argv)

@@ -43,7 +43,7 @@ def test_a_crash_while_writing_leaves_latest_on_the_previous_checkpoint(tmp_path
     with pytest.raises(KeyboardInterrupt):
         store.commit("epoch_1", crash)
     assert store.latest() == first and not (tmp_path / "checkpoints" / "epoch_1").exists()
-    assert not list((tmp_path / "checkpoints").glob(".tmp-*"))  # the partial directory is gone
+    assert not list((tmp_path / "checkpoints").glob(".*.tmp-*"))  # the partial directory is gone
     # a crash between committing the directory and moving latest.json: latest still names epoch_0
     store.commit("epoch_1", _write_files)
     assert store.latest() == first

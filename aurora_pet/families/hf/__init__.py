@@ -10,6 +10,7 @@ random weights, nothing downloaded) live in `build`.
 
 from __future__ import annotations
 
+import functools
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -34,6 +35,7 @@ _DECODER_PREFIX = "text_decoder."
 
 class HFFamily(Family):
     name = "hf"
+    title = "transformers"
     presets = PRESETS
 
     def architecture(self, model: nn.Module) -> str:
@@ -67,14 +69,21 @@ class HFFamily(Family):
     def patch(self, model: nn.Module, aurora: "AuroraModel") -> list[Undo]:
         """Under ICE, the answer/caption decoder generates without its key/value cache: ICE attends over
         all earlier text tokens of the layer, which a cached step does not see, so generation recomputes
-        the (short) prefix and gives the same tokens as a full forward pass."""
+        the (short) prefix and gives the same tokens as a full forward pass. An explicit
+        `generate(use_cache=True)` is honoured the same way (same tokens, recomputed prefix)."""
         decoder = getattr(model, "text_decoder", None)
-        if not (aurora.aurora_config.ice and decoder is not None and aurora.fusion_sites):
+        if not (aurora.aurora_config.ice and decoder is not None
+                and any(site.startswith(_DECODER_PREFIX) for site in aurora.fusion_sites)):
             return []
         undo = [set_attribute(decoder.config, "use_cache", False)]
         if getattr(decoder, "generation_config", None) is not None:
             undo.append(set_attribute(decoder.generation_config, "use_cache", False))
-        return undo
+        generate = decoder.generate
+
+        def generate_without_cache(*args: Any, **kwargs: Any) -> Any:
+            return generate(*args, **{**kwargs, "use_cache": False})
+
+        return undo + [set_attribute(decoder, "generate", functools.wraps(generate)(generate_without_cache))]
 
 
 def _layer_mask(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor | None:

@@ -17,8 +17,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import transformers
 from torch import nn
-from transformers import (
+
+if int(transformers.__version__.split(".")[0]) < 5:
+    raise ImportError(f"the hf family needs transformers>=5 (found {transformers.__version__}, LAVIS's pin?): "
+                      "use the modern environment (`pip install aurora-pet[hf]`, or .venv-hf from `make test`)")
+
+from transformers import (  # noqa: E402
     Blip2Config, Blip2ForConditionalGeneration, BlipConfig, BlipForConditionalGeneration,
     BlipForImageTextRetrieval, BlipForQuestionAnswering, BlipImageProcessor, BlipProcessor, BertTokenizer,
 )

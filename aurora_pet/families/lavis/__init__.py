@@ -27,6 +27,7 @@ _ARCHITECTURES = {"BlipRetrieval": "blip_retrieval", "BlipVQA": "blip_vqa"}
 
 class LavisFamily(Family):
     name = "lavis"
+    title = "LAVIS"
     presets = PRESETS
 
     def architecture(self, model: nn.Module) -> str:
