@@ -18,6 +18,7 @@ import re
 import sys
 from typing import Any
 
+import torch
 from torch import nn
 
 from ..config import CORES, AuroraConfig
@@ -125,7 +126,13 @@ def parse_targets(text: str) -> str | list[str]:
 
 
 def build_model(family: str, arch: str, size: str) -> nn.Module:
-    return get_family(family).build(arch, size)
+    """The architecture with random weights; on the meta device where the family allows (counting needs
+    shapes only: BLIP-2 with OPT-2.7b is 3.7 billion parameters)."""
+    builder = get_family(family)
+    if builder.builds_on_meta:
+        with torch.device("meta"):
+            return builder.build(arch, size)
+    return builder.build(arch, size)
 
 
 def parameter_table(model: nn.Module, config: AuroraConfig, lora_rank: int) -> dict[str, Any]:

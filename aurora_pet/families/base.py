@@ -81,6 +81,8 @@ class Family:
     title: str = ""  # how messages name the family
     presets: Mapping[str, Preset] = {}
     default_kind: str = "cross-attention"
+    # whether `build` works under `torch.device("meta")` (shapes only, no memory): what counting needs
+    builds_on_meta: bool = False
 
     def architecture(self, model: nn.Module) -> str:
         raise NotImplementedError

@@ -36,6 +36,7 @@ _DECODER_PREFIX = "text_decoder."
 class HFFamily(Family):
     name = "hf"
     title = "transformers"
+    builds_on_meta = True
     presets = PRESETS
 
     def architecture(self, model: nn.Module) -> str:
