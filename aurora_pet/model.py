@@ -16,6 +16,7 @@ import contextlib
 import difflib
 import copy
 import re
+import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -360,7 +361,44 @@ def find_targets(model: nn.Module, spec: str | list[str], exclude: Sequence[str]
         raise TargetError(
             f"target_modules {spec!r} matched no nn.Linear module (Aurora adapts nn.Linear "
             f"only). Closest names: {close or names[:10]}")
+    idle = unmatched_branches(spec, [n for n, _ in linears])
+    if idle:
+        warnings.warn(f"target_modules: {', '.join(repr(b) for b in idle)} matched no nn.Linear module of "
+                      f"{type(model).__name__}; only the other parts of {spec!r} are adapted", UserWarning,
+                      stacklevel=3)
     return matched
+
+
+def unmatched_branches(spec: str | list[str], names: Sequence[str]) -> list[str]:
+    """The top-level alternatives of a regex (or the suffixes of a list) that match none of `names`:
+    a preset written for another model family typically adapts only part of what it says."""
+    if isinstance(spec, str):
+        return [b for b in _top_level_alternatives(spec) if not any(re.fullmatch(b, n) for n in names)]
+    return [s for s in spec if not any(_has_suffix(n, s) for n in names)]
+
+
+def _top_level_alternatives(pattern: str) -> list[str]:
+    """`a|b(c|d)` → ["a", "b(c|d)"]: split on `|` outside groups, classes and escapes."""
+    branches, depth, start, i, in_class = [], 0, 0, 0, False
+    while i < len(pattern):
+        char = pattern[i]
+        if char == "\\":
+            i += 2
+            continue
+        if in_class:
+            in_class = char != "]"
+        elif char == "[":
+            in_class = True
+        elif char == "(":
+            depth += 1
+        elif char == ")":
+            depth -= 1
+        elif char == "|" and depth == 0:
+            branches.append(pattern[start:i])
+            start = i + 1
+        i += 1
+    branches.append(pattern[start:])
+    return branches if len(branches) > 1 else []
 
 
 def infer_slice_size(targets: list[tuple[str, nn.Linear]], config: AuroraConfig) -> int:

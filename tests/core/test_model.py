@@ -286,3 +286,17 @@ def test_adapter_dropout_follows_the_base_modules_mode():
     torch.testing.assert_close(model(*inputs), model(*inputs), rtol=0, atol=0)
     model.base_model.train()
     assert not torch.allclose(model(*inputs), model(*inputs))
+
+
+def test_a_regex_branch_that_matches_nothing_is_named_in_a_warning():
+    spec = r"blocks\.\d+\.qkv|vision\.blocks\.\d+\.(fc1|fc2)|blocks\.\d+\.f[c]1"
+    with pytest.warns(UserWarning, match=r"'vision\\\\.blocks\\\\.\\\\d\+\\\\.\(fc1\|fc2\)' matched no nn.Linear"):
+        model, _ = wrap(target_modules=spec, modules_to_save=[])
+    assert sorted({n.rsplit(".", 1)[1] for n in model.layers}) == ["fc1", "qkv"]
+    with pytest.warns(UserWarning, match=r"'attn' matched no nn.Linear"):
+        wrap(target_modules=["qkv", "attn"], modules_to_save=[])
+
+
+def test_no_warning_when_every_branch_matches(recwarn):
+    wrap(target_modules=r"blocks\.\d+\.qkv|blocks\.\d+\.(fc1|fc2)", modules_to_save=[])
+    assert not [w for w in recwarn if "matched no" in str(w.message)]

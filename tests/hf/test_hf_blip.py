@@ -275,3 +275,13 @@ def test_blip_base_default_preset_and_identity(task, tokenizer):
         else:
             answer = text_batch(tokenizer, ANSWERS)
             assert torch.equal(vqa_loss(aurora, batch, answer, images), vqa_loss(reference, batch, answer, images))
+
+
+def test_lavis_reference_regex_on_a_transformers_model_warns_about_the_vision_branch(retrieval):
+    """The 0.1 trap: LAVIS's `reference` regex on transformers BLIP silently adapted only the text side."""
+    from aurora_pet import get_preset
+
+    regex = get_preset("blip_retrieval/reference").target_modules
+    with pytest.warns(UserWarning, match=r"visual_encoder.*matched no nn.Linear module of BlipForImageTextRetrieval"):
+        aurora = get_aurora_model(retrieval, AuroraConfig(rank=4, target_modules=regex))
+    assert not any(n.startswith("vision_model.") for n in aurora.layers)
