@@ -25,7 +25,6 @@ import contextlib
 import ctypes
 import gc
 import io
-import logging
 import os
 import re
 import statistics
@@ -184,7 +183,6 @@ def _setup_lora(model: nn.Module, method: Method, opts: dict[str, Any]) -> Activ
     online, twins = lora_targets(model, preset)
     config = LoraConfig(r=rank, lora_alpha=opts.get("alpha", 2 * rank), lora_dropout=opts.get("dropout", 0.1),
                         target_modules=online + twins)
-    logging.getLogger("peft").setLevel(logging.ERROR)
     peft_model = get_peft_model(model, config)
     for name, parameter in model.named_parameters():
         if "lora_" in name:
@@ -351,10 +349,13 @@ def rotated(items: Sequence[Any], shift: int) -> list[Any]:
 
 
 @contextlib.contextmanager
-def quiet() -> Iterator[None]:
-    """Silence LAVIS / peft chatter (prints and warnings) inside benchmarks."""
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-        warnings.simplefilter("ignore")
+def quiet(enabled: bool = True) -> Iterator[None]:
+    """Keep LAVIS / peft chatter (prints, progress bars) off the console inside benchmarks. Warnings
+    filters and log levels are process-wide: the benchmarks' mains set them."""
+    if not enabled:
+        yield
+        return
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         yield
 
 

@@ -29,10 +29,13 @@ smoke test; its BLIP-base adapter sizes are real, its timings mean nothing). See
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import logging
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+import warnings
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -76,9 +79,8 @@ def build(arch: str, size: str, image_size: int | None) -> torch.nn.Module:
     from aurora_pet.families.lavis import checkpoint_without_reentry
     from aurora_pet.families.lavis.build import build_blip
 
-    torch.manual_seed(0)
     name, model_type = ARCHS[arch]
-    with H.quiet():
+    with H.quiet(), _seeded(0):
         model = build_blip(name, model_type, size=size, image_size=image_size)
     checkpoint_without_reentry(model)
     return model
@@ -160,9 +162,9 @@ def lavis_step(samples: dict[str, Any]) -> Callable[..., None]:
     """LAVIS's own training forward, ``model(samples).loss``, then backward and AdamW."""
 
     def step(call: torch.nn.Module, optimizer: torch.optim.Optimizer | None, seed: int) -> None:
-        torch.manual_seed(seed)  # the same hard negatives / dropout masks for every method
-        loss = call(dict(samples)).loss
-        loss.backward()
+        with _seeded(seed):  # the same hard negatives / dropout masks for every method
+            loss = call(dict(samples)).loss
+            loss.backward()
         _optimise(optimizer)
 
     return step
@@ -182,19 +184,28 @@ def itm_step(model: torch.nn.Module, batch: int, image_tokens: int) -> Callable[
     labels = torch.cat([torch.ones(batch, dtype=torch.long), torch.zeros(2 * batch, dtype=torch.long)])
 
     def step(call: torch.nn.Module, optimizer: torch.optim.Optimizer | None, seed: int) -> None:
-        torch.manual_seed(seed)
-        cls = []
-        for part in (slice(0, batch), slice(batch, 3 * batch)):  # LAVIS's positive and negative passes
-            out = model.text_encoder(ids[part], attention_mask=text.attention_mask[part],
-                                     encoder_hidden_states=images[part],
-                                     encoder_attention_mask=torch.ones(images[part].shape[:-1], dtype=torch.long),
-                                     return_dict=True)
-            cls.append(out.last_hidden_state[:, 0, :])
-        loss = torch.nn.functional.cross_entropy(model.itm_head(torch.cat(cls)), labels)
-        loss.backward()
+        with _seeded(seed):
+            cls = []
+            for part in (slice(0, batch), slice(batch, 3 * batch)):  # LAVIS's positive and negative passes
+                out = model.text_encoder(ids[part], attention_mask=text.attention_mask[part],
+                                         encoder_hidden_states=images[part],
+                                         encoder_attention_mask=torch.ones(images[part].shape[:-1], dtype=torch.long),
+                                         return_dict=True)
+                cls.append(out.last_hidden_state[:, 0, :])
+            loss = torch.nn.functional.cross_entropy(model.itm_head(torch.cat(cls)), labels)
+            loss.backward()
         _optimise(optimizer)
 
     return step
+
+
+@contextlib.contextmanager
+def _seeded(seed: int) -> Iterator[None]:
+    """The global CPU RNG seeded with ``seed`` inside the block (LAVIS draws ITM negatives and dropout masks
+    from it) and as it was after it: the caller's random stream is not touched."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
 
 
 def _optimise(optimizer: torch.optim.Optimizer | None) -> None:
@@ -479,6 +490,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         return results
 
     torch.set_num_threads(args.threads)
+    warnings.simplefilter("ignore")  # LAVIS, timm and peft chatter
+    logging.getLogger("peft").setLevel(logging.ERROR)
     size = "tiny" if args.quick else "base"
     image_size = args.image_size or (32 if args.quick else 224)
     rounds = args.rounds or (2 if args.quick else 5)

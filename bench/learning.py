@@ -29,17 +29,22 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import io
 import json
 import logging
 import statistics
 import tempfile
 import time
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from aurora_pet.demo.pretrained import PRETRAIN, PretrainedTiny, pretrained_tiny_blip
+from aurora_pet.demo.recipe import ADAPT_DATA, ADAPT_RUN, ARCH, DEMO_AURORA, demo_recipe, write_demo_data
+from aurora_pet.training.data import write_recipe
+from aurora_pet.training.evaluate import evaluate
+from aurora_pet.training.trainer import train
 
 from . import _harness as H
 
@@ -61,7 +66,7 @@ class Spec:
 class Setup:
     """Pre-trained weights and the written shifted-domain data, shared by every run."""
 
-    pretrained: Any  # aurora_pet.demo.PretrainedTiny
+    pretrained: PretrainedTiny
     written: dict[str, Any]
     work: Path
     epochs: int
@@ -70,34 +75,27 @@ class Setup:
 def prepare(work: Path, cache_dir: Path | None, epochs: int, n_test: int | None = None,
             verbose: bool = False) -> Setup:
     """The demo's pre-trained model and shifted-domain data (`n_test` test images instead of the demo's)."""
-    from aurora_pet import demo
-
-    data = {**demo.ADAPT_DATA, **({"n_test": n_test} if n_test else {})}
-    with _quiet(not verbose):
-        pretrained = demo.pretrained_tiny_blip(demo.ARCH, cache_dir)
-        written = demo.write_demo_data(work / "data", "shifted", **data)
+    data = {**ADAPT_DATA, **({"n_test": n_test} if n_test else {})}
+    with H.quiet(not verbose):
+        pretrained = pretrained_tiny_blip(ARCH, cache_dir)
+        written = write_demo_data(work / "data", "shifted", **data)
     return Setup(pretrained, written, work, epochs)
 
 
 def demo_aurora(**overrides: Any) -> dict[str, Any]:
-    from aurora_pet import demo
-
-    return {**demo.DEMO_AURORA, **overrides}
+    return {**DEMO_AURORA, **overrides}
 
 
 def run(setup: Setup, spec: Spec, seed: int, index: int, verbose: bool = False) -> dict[str, Any]:
     """Train and test one method with one seed; metrics, trainable parameters, seconds."""
-    from aurora_pet import demo
-    from aurora_pet.training import train, write_recipe
-
     out = setup.work / f"run{index:03d}"
     aurora = demo_aurora(**spec.options, init_seed=seed) if spec.kind == "aurora" else None
-    run_cfg = {"seed": seed, "init_lr": spec.lr or demo.ADAPT_RUN["init_lr"], "max_epoch": setup.epochs,
+    run_cfg = {"seed": seed, "init_lr": spec.lr or ADAPT_RUN["init_lr"], "max_epoch": setup.epochs,
                "save_resume_state": False, "plot": False, "valid_splits": []}
-    recipe = demo.demo_recipe(setup.written, out / "run", pretrained=setup.pretrained, aurora=aurora, run=run_cfg)
+    recipe = demo_recipe(setup.written, out / "run", pretrained=setup.pretrained, aurora=aurora, run=run_cfg)
     path = write_recipe(out / "recipe.yaml", recipe)
     start = time.perf_counter()
-    with _quiet(not verbose):
+    with H.quiet(not verbose):
         result = train(path, quiet=True, prepare_model=_prepare(spec))
     seconds = time.perf_counter() - start
     model = result.model
@@ -111,14 +109,11 @@ def run(setup: Setup, spec: Spec, seed: int, index: int, verbose: bool = False) 
 
 def evaluate_pretrained(setup: Setup, verbose: bool = False) -> dict[str, float]:
     """The pre-trained model on the shifted test split, before any adaptation."""
-    from aurora_pet import demo
-    from aurora_pet.training import write_recipe
-
     out = setup.work / "before"
-    recipe = demo.demo_recipe(setup.written, out / "run", pretrained=setup.pretrained, aurora=demo_aurora())
+    recipe = demo_recipe(setup.written, out / "run", pretrained=setup.pretrained, aurora=demo_aurora())
     path = write_recipe(out / "recipe.yaml", recipe)
-    with _quiet(not verbose):
-        metrics = demo.evaluate(path, [f"run.output_dir={out / 'eval'}"], verbose=verbose)
+    with H.quiet(not verbose):
+        metrics = evaluate(path, [f"run.output_dir={out / 'eval'}"], quiet=not verbose)
     metrics = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
     metrics["r1_mean"] = (metrics.get("txt_r1", 0.0) + metrics.get("img_r1", 0.0)) / 2
     return metrics
@@ -149,7 +144,6 @@ def inject_lora(model, rank: int = 8, alpha: float | None = None, dropout: float
 
     online, twins = H.lora_targets(model, preset)
     config = LoraConfig(r=rank, lora_alpha=alpha or 2 * rank, lora_dropout=dropout, target_modules=online + twins)
-    logging.getLogger("peft").setLevel(logging.ERROR)
     inject_adapter_in_model(config, model)
     model.requires_grad_(False)
     params = dict(model.named_parameters())
@@ -166,23 +160,6 @@ def inject_lora(model, rank: int = 8, alpha: float | None = None, dropout: float
     return count
 
 
-@contextlib.contextmanager
-def _quiet(enabled: bool) -> Iterator[None]:
-    if not enabled:
-        yield
-        return
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
-                contextlib.redirect_stderr(io.StringIO()):
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        root.setLevel(level)
-
-
 # -- the plan ----------------------------------------------------------------------------------------
 
 def adapter_count(rank: int, ice: bool = True, gqt: bool = True, d: int = 64, slices: int = 8, sites: int = 2) -> int:
@@ -191,9 +168,7 @@ def adapter_count(rank: int, ice: bool = True, gqt: bool = True, d: int = 64, sl
 
 
 def plan(quick: bool, rank: int | None = None) -> list[Spec]:
-    from aurora_pet import demo
-
-    rank = rank or int(demo.DEMO_AURORA["rank"])
+    rank = rank or int(DEMO_AURORA["rank"])
     lora_per_rank = 8 * (64 + 64)  # 8 targets of 64×64, r·(d_in + d_out) each
     matched = max(1, round(adapter_count(rank) / lora_per_rank))
     specs = [
@@ -201,7 +176,7 @@ def plan(quick: bool, rank: int | None = None) -> list[Spec]:
         Spec(f"aurora cp R={rank} +ICE/GQT", "aurora", {"rank": rank}),
         Spec("lora r=8", "lora", {"rank": 8}),
         Spec(f"lora r={matched} (Aurora's count)", "lora", {"rank": matched}),
-        Spec("full fine-tuning", "full", lr=float(demo.PRETRAIN["run"]["init_lr"])),
+        Spec("full fine-tuning", "full", lr=float(PRETRAIN["run"]["init_lr"])),
     ]
     sweep = [4] if quick else [r for r in (4, 16, 32, 64) if r != rank]
     specs += [Spec(f"aurora cp R={r} +ICE/GQT", "aurora", {"rank": r}, group="rank sweep") for r in sweep]
@@ -297,10 +272,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     import torch
 
     torch.set_num_threads(1)
-    from aurora_pet import demo
-
+    logging.getLogger("peft").setLevel(logging.ERROR)
+    if not args.verbose:
+        warnings.simplefilter("ignore")
+        logging.basicConfig(level=logging.ERROR)  # a root handler first: LAVIS's basicConfig(INFO) is then a no-op
     seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
-    epochs = args.epochs or (1 if args.quick else int(demo.ADAPT_RUN["max_epoch"]))
+    epochs = args.epochs or (1 if args.quick else int(ADAPT_RUN["max_epoch"]))
     name = args.name or ("learning_quick" if args.quick else "learning")
     args.out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
@@ -322,8 +299,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                       f"R@1 mean {result['metrics']['r1_mean']:5.1f}  ({result['seconds']:.0f} s)", flush=True)
     rows = summarise(runs)
     results = {"settings": {"seeds": seeds, "epochs": epochs, "rank": args.rank, "quick": args.quick,
-                            "data": {**demo.ADAPT_DATA, **({"n_test": n_test} if n_test else {})},
-                            "run": {**demo.ADAPT_RUN, "max_epoch": epochs, "valid_splits": []},
+                            "data": {**ADAPT_DATA, **({"n_test": n_test} if n_test else {})},
+                            "run": {**ADAPT_RUN, "max_epoch": epochs, "valid_splits": []},
                             "pretrained": str(setup.pretrained.checkpoint.name)},
                "machine": H.machine(), "before": before, "runs": runs, "rows": rows,
                "wall_s": time.perf_counter() - started}

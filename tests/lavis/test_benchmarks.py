@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from aurora_pet.demo.recipe import DEMO_AURORA
 from bench import _harness as H
 from bench import cost, learning
 
@@ -128,9 +129,7 @@ def test_adapter_count_matches_the_wrapped_tiny_model(tiny_retrieval):
 
 
 def test_learning_plan_compares_every_method_at_a_matched_lora_rank():
-    from aurora_pet import demo
-
-    rank = demo.DEMO_AURORA["rank"]
+    rank = DEMO_AURORA["rank"]
     specs = learning.plan(quick=False)
     kinds = {s.kind for s in specs if s.group == "methods"}
     assert kinds == {"heads", "aurora", "lora", "full"}

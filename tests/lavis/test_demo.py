@@ -6,22 +6,26 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
-from aurora_pet import demo
 from aurora_pet.cli import main
+from aurora_pet.cli.demo import run_demo
+from aurora_pet.demo.pretrained import PRETRAIN, PretrainedTiny, pretrained_tiny_blip
+from aurora_pet.demo.recipe import ADAPT_RUN, IMAGE_SIZE, TINY_MODEL, demo_recipe, write_demo_data
 from aurora_pet.training import load_recipe, write_recipe
+from aurora_pet.training.evaluate import evaluate, evaluate_model
 
 
 def test_demo_recipe_is_a_valid_recipe(tmp_path):
-    written = demo.write_demo_data(tmp_path / "data", "shifted", n_train=4, n_val=2, n_test=2)
-    pretrained = demo.PretrainedTiny("blip_retrieval", tmp_path / "model.safetensors", dict(demo.TINY_MODEL))
-    path = write_recipe(tmp_path / "demo.yaml", demo.demo_recipe(written, tmp_path / "run", pretrained=pretrained))
+    written = write_demo_data(tmp_path / "data", "shifted", n_train=4, n_val=2, n_test=2)
+    pretrained = PretrainedTiny("blip_retrieval", tmp_path / "model.safetensors", dict(TINY_MODEL))
+    path = write_recipe(tmp_path / "demo.yaml", demo_recipe(written, tmp_path / "run", pretrained=pretrained))
     recipe = load_recipe(path)
     assert recipe.arch == "blip_retrieval" and recipe.aurora.target_modules == "blip_retrieval/cross-attention"
     assert recipe.model_settings["pretrained"] == str(tmp_path / "model.safetensors")
     assert recipe.cfg.datasets_cfg.flickr30k.vis_processor.train.name == "blip_image_eval"  # no flips
-    full = load_recipe(write_recipe(tmp_path / "full.yaml", demo.demo_recipe(written, tmp_path / "r", pretrained=None,
-                                                                              aurora=None)))
+    full = load_recipe(write_recipe(tmp_path / "full.yaml", demo_recipe(written, tmp_path / "r", pretrained=None,
+                                                                         aurora=None)))
     assert full.aurora is None
 
 
@@ -31,23 +35,36 @@ def test_demo_command_line(capsys):
     assert "--cache-dir" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("epochs", ["0", "-3"])
+def test_demo_refuses_fewer_than_one_epoch(tmp_path, capsys, epochs):
+    """``--epochs 0`` once ran the default 12 epochs: now a usage error (exit 2) before anything is written."""
+    with pytest.raises(SystemExit) as exited:
+        main(["demo", "--epochs", epochs, "--output-dir", str(tmp_path / "out"), "--cache-dir", str(tmp_path)])
+    assert exited.value.code == 2
+    assert f"aurora-pet demo: error: argument --epochs: must be a positive integer, got {epochs}" in \
+        capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
+
+
 def test_shipped_pretrained_model_matches_the_settings(tmp_path):
-    pretrained = demo.pretrained_tiny_blip(cache_dir=tmp_path)  # the package's weights: nothing trains
+    pretrained = pretrained_tiny_blip(cache_dir=tmp_path)  # the package's weights: nothing trains
     assert pretrained.source == "shipped" and not list(tmp_path.iterdir())
     assert pretrained.metrics["test_txt_r1"] > 30 and pretrained.metrics["test_img_r1"] > 30  # it learned
     meta = json.loads(pretrained.checkpoint.with_suffix(".json").read_text())
-    assert meta["pretrain"] == demo.PRETRAIN and meta["model"] == demo.TINY_MODEL
+    assert meta["pretrain"] == PRETRAIN and meta["model"] == TINY_MODEL
+    rng = torch.get_rng_state()
     model = pretrained.build()  # strict load: every key of the tiny BlipRetrieval
     assert type(model).__name__ == "BlipRetrieval"
+    assert torch.equal(torch.get_rng_state(), rng)  # its random initialisation leaves the caller's RNG alone
 
 
 @pytest.mark.slow
 def test_pretraining_is_reproducible_from_the_function(tmp_path):
     """``pretrained_tiny_blip`` trains through the recipes' code path and caches (1 epoch here)."""
-    first = demo.pretrained_tiny_blip(cache_dir=tmp_path, epochs=1)
+    first = pretrained_tiny_blip(cache_dir=tmp_path, epochs=1)
     assert first.source == "trained" and first.checkpoint.parent == tmp_path
     assert {"test_txt_r1", "test_img_r1"} <= set(first.metrics)
-    again = demo.pretrained_tiny_blip(cache_dir=tmp_path, epochs=1)
+    again = pretrained_tiny_blip(cache_dir=tmp_path, epochs=1)
     assert again.source == "cache" and again.checkpoint == first.checkpoint
     assert type(again.build()).__name__ == "BlipRetrieval"
 
@@ -55,7 +72,7 @@ def test_pretraining_is_reproducible_from_the_function(tmp_path):
 @pytest.mark.slow
 def test_demo_adaptation_beats_the_pretrained_model(tmp_path):
     lines = []
-    result = demo.run_demo(tmp_path / "demo", tmp_path / "cache", print_fn=lines.append)
+    result = run_demo(tmp_path / "demo", tmp_path / "cache", print_fn=lines.append)
     before, after = result.before, result.after
     r1 = lambda m: (m["txt_r1"] + m["img_r1"]) / 2  # noqa: E731
     assert r1(after) >= r1(before) + 8.0, (before, after)  # measured: 3.5 -> 17.1
@@ -66,22 +83,22 @@ def test_demo_adaptation_beats_the_pretrained_model(tmp_path):
     report = result.parameter_report
     assert report["groups"]["factors"] > 0 and report["trainable"] < report["base"] / 10
     rows = json.loads((tmp_path / "demo" / "run" / "metrics.json").read_text())["epochs"]
-    assert len(rows) == demo.ADAPT_RUN["max_epoch"]
+    assert len(rows) == ADAPT_RUN["max_epoch"]
 
 
 def test_evaluate_model_matches_the_recipe_evaluation(tmp_path):
     """The in-memory evaluation (for benchmarks) gives exactly what a recipe run in evaluate mode reports."""
-    written = demo.write_demo_data(tmp_path / "data", "source", n_train=2, n_val=2, n_test=8)
-    pretrained = demo.pretrained_tiny_blip(cache_dir=tmp_path / "cache")
-    direct = demo.evaluate_model(pretrained.build(), written, k_test=4)
+    written = write_demo_data(tmp_path / "data", "source", n_train=2, n_val=2, n_test=8)
+    pretrained = pretrained_tiny_blip(cache_dir=tmp_path / "cache")
+    direct = evaluate_model(pretrained.build(), written, k_test=4, image_size=IMAGE_SIZE)
     assert set(direct) >= {"txt_r1", "txt_r5", "txt_r10", "img_r1", "img_r5", "img_r10", "r_mean", "agg_metrics"}
-    recipe = write_recipe(tmp_path / "eval.yaml", demo.demo_recipe(written, tmp_path / "run", pretrained=pretrained,
-                                                                   run={"k_test": 4}))
-    assert demo.evaluate(recipe) == direct
+    recipe = write_recipe(tmp_path / "eval.yaml", demo_recipe(written, tmp_path / "run", pretrained=pretrained,
+                                                              run={"k_test": 4}))
+    assert evaluate(recipe) == direct
 
 
 def test_demo_never_deletes_a_directory_it_did_not_write(tmp_path):
     (tmp_path / "notes.txt").write_text("mine")
     with pytest.raises(FileExistsError, match="not an earlier demo's output"):
-        demo.run_demo(tmp_path, tmp_path / "cache", print_fn=lambda *a: None)
+        run_demo(tmp_path, tmp_path / "cache", print_fn=lambda *a: None)
     assert (tmp_path / "notes.txt").read_text() == "mine"
