@@ -1,8 +1,9 @@
-"""`AuroraLinear`: one adapted `nn.Linear`, cut into d×d slices of the shared tensor.
+"""`AuroraLinear`: one adapted `nn.Linear`, cut into slices of the shared tensor.
 
-A weight W (d_out×d_in) is a grid of n_out×n_in blocks of size d×d; block (i, j) is slice
-m = first_slice + i·n_in + j (row-major), so a fused qkv (2304×768) is 3 slices and an MLP fc2
-(768×3072) is 4. The update is y += s · dropout(x) · ΔWᵀ, added without touching the module's
+A weight W (d_out×d_in) is a grid of n_out×n_in blocks of size a×b; block (i, j) is slice
+m = first_slice + i·n_in + j (row-major). A side that is a multiple of d is cut into d-wide blocks (a fused
+qkv, 2304×768, is 3 slices; an MLP fc2, 768×3072, is 4); a side of another width w is one block of
+width w (its own width class, see `factors`). The update is y += s · dropout(x) · ΔWᵀ, added without touching the module's
 parameters: the module keeps its class and its parameter names (LAVIS loads checkpoints by name, with
 strict=False, so a rename would silently drop pretrained weights). We only shadow its `forward` with an
 instance attribute, which `remove()` deletes again.
@@ -28,7 +29,8 @@ class AuroraLinear:
                  factors_name: str = "aurora_factors") -> None:
         self.name, self.module, self.d, self.owner = name, module, d, owner
         self.factors_name = factors_name  # "aurora_factors_m" for a momentum copy
-        self.n_out, self.n_in = module.out_features // d, module.in_features // d
+        self.block_out, self.block_in = block_width(module.out_features, d), block_width(module.in_features, d)
+        self.n_out, self.n_in = module.out_features // self.block_out, module.in_features // self.block_in
         self.first_slice = first_slice
         self.slice_range = slice(first_slice, first_slice + self.num_slices)
         self._plain_linear = type(module).forward is nn.Linear.forward
@@ -51,17 +53,18 @@ class AuroraLinear:
             del self.module.forward
 
     def assemble(self, slices: torch.Tensor) -> torch.Tensor:
-        """(n, d, d) slices → the (d_out, d_in) block matrix of this target."""
-        d = self.d
-        return slices.reshape(self.n_out, self.n_in, d, d).permute(0, 2, 1, 3).reshape(self.n_out * d, self.n_in * d)
+        """(n, a, b) slices → the (d_out, d_in) block matrix of this target."""
+        a, b = self.block_out, self.block_in
+        return slices.reshape(self.n_out, self.n_in, a, b).permute(0, 2, 1, 3).reshape(self.n_out * a, self.n_in * b)
 
     def delta_weight(self) -> torch.Tensor:
         """s·ΔW of this target, shape (d_out, d_in), differentiable (our einsum path)."""
-        return self.owner.aurora_config.scale * self.assemble(self.factors.slices(self.slice_range))
+        slices = self.factors.slices(self.slice_range, self.block_out, self.block_in)
+        return self.owner.aurora_config.scale * self.assemble(slices)
 
     def reference_delta_weight(self) -> torch.Tensor:
         """s·ΔW built from TensorLy's reconstruction: what merge and export use."""
-        tensor = self.factors.to_tensor(self.slice_range)  # (d, d, n)
+        tensor = self.factors.to_tensor(self.slice_range, self.block_out, self.block_in)  # (a, b, n)
         return self.owner.aurora_config.scale * self.assemble(tensor.permute(2, 0, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -95,23 +98,25 @@ class AuroraLinear:
         if self.n_in != 1:
             return weight + self.delta_weight().to(weight.dtype)
         factors = self.factors
-        left = factors.left_maps(self.slice_range).reshape(self.n_out * self.d, factors.rank)
-        return torch.addmm(weight, left.to(weight.dtype), factors.V.T.to(weight.dtype), alpha=self.owner.aurora_config.scale)
+        left = factors.left_maps(self.slice_range, self.block_out).reshape(self.module.out_features, factors.rank)
+        return torch.addmm(weight, left.to(weight.dtype), factors.v(self.block_in).T.to(weight.dtype),
+                           alpha=self.owner.aurora_config.scale)
 
     def input_projection(self, x: torch.Tensor) -> torch.Tensor:
-        """z = x_j·V for every input block j, shape (tokens, n_in·R)."""
+        """z = x_j·V_b for every input block j, shape (tokens, n_in·R)."""
         rank = self.factors.rank
-        return (x.reshape(-1, self.n_in, self.d) @ self.factors.V.to(x.dtype)).reshape(-1, self.n_in * rank)
+        v = self.factors.v(self.block_in).to(x.dtype)
+        return (x.reshape(-1, self.n_in, self.block_in) @ v).reshape(-1, self.n_in * rank)
 
     def up_projection(self, dtype: torch.dtype) -> torch.Tensor:
-        """B with B[(j, r), (i, a)] = s·L_ij[a, r], shape (n_in·R, n_out·d): x·ΔWᵀ = z·B."""
-        left = self.factors.left_maps(self.slice_range)
-        if self.n_in == 1:  # (n_out, d, R) → (R, n_out·d) as a view; scale the small factor, not the product
-            up = left.reshape(self.n_out * self.d, -1).T
+        """B with B[(j, r), (i, a)] = s·L_ij[a, r], shape (n_in·R, d_out): x·ΔWᵀ = z·B."""
+        left = self.factors.left_maps(self.slice_range, self.block_out)
+        if self.n_in == 1:  # (n_out, a, R) → (R, d_out) as a view; scale the small factor, not the product
+            up = left.reshape(self.module.out_features, -1).T
         else:
             rank = self.factors.rank
-            up = left.reshape(self.n_out, self.n_in, self.d, rank).permute(1, 3, 0, 2).reshape(
-                self.n_in * rank, self.n_out * self.d)
+            up = left.reshape(self.n_out, self.n_in, self.block_out, rank).permute(1, 3, 0, 2).reshape(
+                self.n_in * rank, self.module.out_features)
         scale = self.owner.aurora_config.scale
         return (up if scale == 1 else scale * up).to(dtype)
 
@@ -119,13 +124,13 @@ class AuroraLinear:
         """s·x·ΔWᵀ as two thin matmuls: z = x_j·V once per input block (shared by all output blocks),
         then z·B with B[(j, r), (i, a)] = s·L_ij[a, r]."""
         delta = self.input_projection(x) @ self.up_projection(x.dtype)
-        return delta.reshape(*x.shape[:-1], self.n_out * self.d)
+        return delta.reshape(*x.shape[:-1], self.module.out_features)
 
     def _prefers_materialised(self, x: torch.Tensor) -> bool:
         """Multiply-add counts of the two ways to apply the update to this input.
 
-        factored:     N·(n_in + n_out)·d·R           (x·V, then z·B)
-        materialised: n·d²·R to build ΔW, plus N·d_out·d_in for ∂L/∂ΔW when training; the product
+        factored:     N·(d_in + d_out)·R              (x·V, then z·B)
+        materialised: d_out·d_in·R to build ΔW, plus N·d_out·d_in for ∂L/∂ΔW when training; the product
                       x·(W + ΔW)ᵀ itself replaces the base matmul, so it costs nothing extra.
         """
         mode = self.owner.aurora_config.forward_mode
@@ -133,9 +138,14 @@ class AuroraLinear:
             return mode == "materialised"
         factors = self.factors
         tokens = x.numel() // x.shape[-1]
-        d, rank = self.d, factors.rank
-        factored = tokens * (self.n_in + self.n_out) * d * rank
-        materialised = self.num_slices * d * d * rank
+        size = self.module.out_features * self.module.in_features
+        factored = tokens * (self.module.in_features + self.module.out_features) * factors.rank
+        materialised = size * factors.rank
         if torch.is_grad_enabled() and factors.V.requires_grad:
-            materialised += tokens * self.num_slices * d * d
+            materialised += tokens * size
         return materialised < factored
+
+
+def block_width(width: int, d: int) -> int:
+    """The block size of a weight side: d where d divides it, else the side's own width (its width class)."""
+    return d if width % d == 0 else width

@@ -17,7 +17,7 @@ import difflib
 import copy
 import re
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -59,7 +59,9 @@ class AuroraModel(nn.Module):
         for name, module in targets:
             self.layers[name] = AuroraLinear(name, module, first, self.slice_size, self)
             first += self.layers[name].num_slices
-        self.aurora_factors = ModeFactors(self.slice_size, first, config.rank, config.core, config.init_seed)
+        out_widths, in_widths = width_classes(self.layers.values(), config.rank)
+        self.aurora_factors = ModeFactors(self.slice_size, first, config.rank, config.core, config.init_seed,
+                                          out_widths, in_widths)
         self.momentum, self.momentum_pairs = momentum, [tuple(pair) for pair in momentum_pairs]
         self._add_momentum_layers(model, momentum_pairs)
         self.aurora_dropout = nn.Dropout(config.dropout)
@@ -402,20 +404,32 @@ def _top_level_alternatives(pattern: str) -> list[str]:
 
 
 def infer_slice_size(targets: list[tuple[str, nn.Linear]], config: AuroraConfig) -> int:
-    """d: the configured slice size, else the smallest dimension among the targets."""
-    d = config.slice_size or min(min(m.in_features, m.out_features) for _, m in targets)
-    bad = [f"{n} ({m.out_features}×{m.in_features})" for n, m in targets
-           if m.out_features % d or m.in_features % d]
-    if bad:
-        raise TargetError(f"these targets cannot be cut into {d}×{d} slices (shape not a multiple of d={d}): "
-                          + ", ".join(bad[:10]) + (f" and {len(bad) - 10} more" if len(bad) > 10 else "")
-                          + ". Targets of mixed widths (such as BLIP-2's Q-Former keys/values, which read the "
-                            "wider vision features) are not supported yet: leave them out of target_modules or "
-                            "set slice_size to a width that divides every target's")
+    """d: the configured slice size, else the target side that divides the most target sides (ties: the
+    larger). Where one side divides them all this is the smallest side, the paper's single d×d tensor; the
+    sides it does not divide become width classes with their own factors."""
+    if config.slice_size:
+        d = config.slice_size
+    else:
+        sides = [w for _, m in targets for w in (m.out_features, m.in_features)]
+        d = max(set(sides), key=lambda c: (sum(w % c == 0 for w in sides), c))
     if config.rank > d:
         raise AuroraConfigError(f"rank {config.rank} exceeds the slice size d={d}; choose 1 ≤ rank ≤ {d}")
     return d
 
+
+def width_classes(layers: Iterable[AuroraLinear], rank: int) -> tuple[list[int], list[int]]:
+    """The output and input widths other than d, each with its own factor; the rank must fit every one."""
+    layers = list(layers)
+    out_widths = sorted({layer.block_out for layer in layers if layer.block_out != layer.d})
+    in_widths = sorted({layer.block_in for layer in layers if layer.block_in != layer.d})
+    for layer in layers:
+        narrow = min(layer.block_out, layer.block_in)
+        if rank > narrow:
+            raise TargetError(f"rank {rank} exceeds the width {narrow} of {layer.name} "
+                              f"({layer.module.out_features}×{layer.module.in_features}), a width class of its "
+                              f"own (not a multiple of d={layer.d}): the rank is limited by the smallest width "
+                              f"in use; choose rank ≤ {narrow} or leave {layer.name} out of target_modules")
+    return out_widths, in_widths
 
 def find_fusion_sites(model: nn.Module, config: AuroraConfig, fusion_modules: str | None) -> list[str]:
     """Names of the cross-attention modules that host ICE/GQT (none when both are off)."""

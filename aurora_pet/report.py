@@ -51,6 +51,7 @@ def parameter_report(model: "AuroraModel", base_exclude: Sequence[str] = ()) -> 
         "base_excluded_parameters": everything - base,
         "percent_of_base": _percent(trainable, base),
         "slice_size": model.slice_size,
+        "width_classes": {"out": list(model.aurora_factors.out_widths), "in": list(model.aurora_factors.in_widths)},
         "num_slices": model.num_slices,
         "num_targets": len(model.layers),
         "heads": list(model.heads),
@@ -91,7 +92,9 @@ def format_report(report: dict[str, Any]) -> str:
     """A small table: one row per group, the total, any comparisons, and the base model's size."""
     rows = report_rows(report)
     width = max(len(row.label) for row in rows) + 2
-    lines = [f"Aurora {report['core']} R={report['rank']}  d={report['slice_size']}  "
+    widths = report.get("width_classes", {})
+    other = "".join(f" + {side} widths {', '.join(map(str, widths[side]))}" for side in ("out", "in") if widths.get(side))
+    lines = [f"Aurora {report['core']} R={report['rank']}  d={report['slice_size']}{other}  "
              f"M={report['num_slices']} slices in {report['num_targets']} target modules",
              f"{'group':<{width}}{'parameters':>14}{'% of base':>12}"]
     for row in rows:

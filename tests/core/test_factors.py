@@ -77,3 +77,32 @@ def test_compress_delta_tucker_and_bad_shape():
     assert (approx.to_tensor() - delta).norm() / delta.norm() < 1e-4
     with pytest.raises(ValueError, match=r"shape \(d, d, M\)"):
         compress_delta(torch.zeros(4, 5, 2), rank=2)
+
+
+@pytest.mark.parametrize("core", ["cp", "tucker"])
+def test_width_classes_reconstruct_like_tensorly_and_count_by_the_formula(core):
+    """Width pair (a, b): ΔW_m = U_a · C_m · V_bᵀ, the frontal slices of cp_to_tensor((λ, [U_a, V_b, P]))."""
+    torch.manual_seed(0)
+    factors = ModeFactors(8, 5, 3, core, out_widths=[12, 8], in_widths=[20])
+    assert factors.out_widths == (12,) and factors.in_widths == (20,)  # d itself is no extra class
+    with torch.no_grad():
+        for parameter in factors.parameters():
+            parameter.normal_()
+    assert factors.u(12).shape == (12, 3) and factors.v(20).shape == (20, 3) and factors.v() is factors.V
+    for a, b in [(8, 8), (12, 8), (8, 20), (12, 20)]:
+        fast = factors.slices(slice(1, 4), a, b)
+        assert fast.shape == (3, a, b)
+        torch.testing.assert_close(fast, factors.to_tensor(slice(1, 4), a, b).permute(2, 0, 1))
+        core_m = factors.slice_cores(slice(1, 4))
+        torch.testing.assert_close(fast, factors.u(a) @ core_m @ factors.v(b).T)
+    expected = num_factor_parameters(8, 5, 3, core, out_widths=[12], in_widths=[20])
+    assert factors.num_parameters() == expected
+    assert expected == (2 * 8 + 12 + 20 + 5) * 3 + (3 if core == "cp" else 27)
+    fresh = ModeFactors(8, 5, 3, core, out_widths=[12], in_widths=[20])
+    assert torch.count_nonzero(fresh.slices(slice(None), 12, 20)) == 0  # ΔW = 0 at initialisation
+
+
+def test_single_width_draws_are_unchanged_by_width_classes():
+    """Adding width classes draws their factors after the d-wide ones: BLIP adapters initialise as before."""
+    plain, mixed = ModeFactors(8, 5, 3, seed=4), ModeFactors(8, 5, 3, seed=4, out_widths=[12], in_widths=[20])
+    assert torch.equal(plain.U, mixed.U) and torch.equal(plain.P, mixed.P)

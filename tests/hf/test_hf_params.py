@@ -38,8 +38,19 @@ def test_tiny_vqa_counts_encoder_and_decoder_sites(capsys):
     assert report["groups"]["ice"] == 4 * 64  # one ICE vector of width d per fusion site
 
 
+@pytest.mark.parametrize(("size", "rank", "d", "vision", "slices"), [("tiny", 4, 32, 48, 4), ("base", 64, 768, 1408, 24)])
+def test_blip2_qformer_cross_attention_reads_wider_vision_features(capsys, size, rank, d, vision, slices):
+    """The Q-Former's keys and values read the vision tower's features (1408 wide in BLIP-2): a width class
+    with its own V; BLIP-2 base is counted on the meta device (3.7 billion parameters, no memory)."""
+    code, out, err = params(capsys, "--arch", "blip2", "--size", size, "--rank", str(rank), "--json")
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["slice_size"] == d and report["width_classes"] == {"out": [], "in": [vision]}
+    assert report["num_slices"] == slices  # q, k, v, o of every Q-Former cross-attention (every other layer)
+    assert report["groups"]["factors"] == (2 * d + vision + slices + 1) * rank
+
+
 @pytest.mark.parametrize(("argv", "message"), [
-    (["--arch", "blip2", "--size", "tiny", "--rank", "4"], r"\(32×48\).*mixed widths"),
     (["--preset", "blip_retrieval/reference"], r"unknown preset 'blip_retrieval/reference'"),
     (["--rank", "65", "--size", "tiny"], r"rank 65 exceeds the slice size d=64"),
 ])

@@ -3,7 +3,8 @@
 BLIP's text side has LAVIS's names (`text_encoder.encoder.layer.{i}.crossattention.self.query`, ...); its
 vision side differs (`vision_model.encoder.layers.{i}.self_attn.qkv|projection`, `mlp.fc1|fc2`).
 BLIP-2's Q-Former names its attentions `attention.attention.{query,key,value}` and `attention.output.dense`;
-its cross-attention keys and values read the 1408-wide vision features. ICE and GQT are off in the BLIP-2
+its cross-attention keys and values read the 1408-wide vision features (a width class of their own, see
+`aurora_pet.factors`). ICE and GQT are off in the BLIP-2
 presets: the Q-Former's cross-attention is entered by 32 learned queries, not by text, so the method's
 fusion modules have no text features there.
 """
