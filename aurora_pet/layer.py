@@ -17,6 +17,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+# inputs whose projection is kept for reuse: enough for the image features to survive a layer's other
+# targets (query, output) between one cross-attention and the next
+SHARED_PROJECTIONS = 4
+
 if TYPE_CHECKING:  # pragma: no cover
     from .factors import ModeFactors
     from .model import AuroraModel
@@ -87,7 +91,7 @@ class AuroraLinear:
         inputs = x.reshape(-1, module.in_features)
         weight = module.weight
         out = inputs @ weight.T if module.bias is None else torch.addmm(module.bias, inputs, weight.T)
-        z = self.input_projection(dropout(inputs))
+        z = self.input_projection(dropout(inputs)) if dropout_active else self.shared_input_projection(x, inputs)
         out.addmm_(z, self.up_projection(out.dtype))
         return out.view(*x.shape[:-1], module.out_features)
 
@@ -107,6 +111,29 @@ class AuroraLinear:
         rank = self.factors.rank
         v = self.factors.v(self.block_in).to(x.dtype)
         return (x.reshape(-1, self.n_in, self.block_in) @ v).reshape(-1, self.n_in * rank)
+
+    def shared_input_projection(self, x: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
+        """z = x·V_b, computed once for every target of this factor set that reads the very same tensor `x`
+        (the keys and values of every cross-attention layer all read the image features): the first such
+        target computes it, the others reuse it, forward and backward (autograd sums the uses). Reused only
+        while neither `x` nor V_b has changed in place and the grad mode is the same; without dropout only,
+        since each target draws its own dropout mask."""
+        owner = self.owner
+        if not owner.share_input_projections:
+            return self.input_projection(inputs)
+        v = self.factors.v(self.block_in)
+        cache = owner._input_projections
+        key = (self.factors_name, self.block_in, id(x))
+        state = (x._version, v._version, torch.is_grad_enabled(), tuple(x.shape), x.dtype)
+        cached = cache.get(key)
+        if cached is not None and cached[0] is x and cached[1] == state:
+            cache.move_to_end(key)
+            return cached[2]
+        z = self.input_projection(inputs)
+        cache[key] = (x, state, z)
+        if len(cache) > SHARED_PROJECTIONS:  # the least recently used input: not read again soon
+            cache.popitem(last=False)
+        return z
 
     def up_projection(self, dtype: torch.dtype) -> torch.Tensor:
         """B with B[(j, r), (i, a)] = s·L_ij[a, r], shape (n_in·R, d_out): x·ΔWᵀ = z·B."""

@@ -12,6 +12,7 @@ patches of third-party behaviour) comes from `aurora_pet.families`; this module 
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import difflib
 import copy
@@ -76,6 +77,10 @@ class AuroraModel(nn.Module):
                     module.to(device)
         self._hooks: list[Any] = []
         self._fusion_masks: dict[str, Any] = {}
+        # z = x·V shared by targets that read the same tensor (see AuroraLinear.shared_input_projection);
+        # a switch so that tests and benchmarks can compare with the per-target computation
+        self.share_input_projections = True
+        self._input_projections: collections.OrderedDict[tuple[str, int, int], Any] = collections.OrderedDict()
         self._undo: list[Any] = []
         self._freeze_base()
         self._install()
@@ -171,7 +176,10 @@ class AuroraModel(nn.Module):
 
     # -- pass-through ----------------------------------------------------------------------------
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return self.base_model(*args, **kwargs)
+        try:
+            return self.base_model(*args, **kwargs)
+        finally:
+            self._input_projections.clear()  # a cache within one forward of the wrapper
 
     def __getattr__(self, name: str) -> Any:
         try:

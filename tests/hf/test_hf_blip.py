@@ -285,3 +285,30 @@ def test_lavis_reference_regex_on_a_transformers_model_warns_about_the_vision_br
     with pytest.warns(UserWarning, match=r"visual_encoder.*matched no nn.Linear module of BlipForImageTextRetrieval"):
         aurora = get_aurora_model(retrieval, AuroraConfig(rank=4, target_modules=regex))
     assert not any(n.startswith("vision_model.") for n in aurora.layers)
+
+
+def test_shared_input_projection_equals_the_per_target_computation(retrieval_inputs):
+    """The cross-attention keys and values of every layer read the same image features: z = x·V is computed
+    once and reused. Outputs and every gradient equal the per-target computation exactly."""
+    batch, images = retrieval_inputs
+    results = []
+    for share in (True, False):
+        aurora = get_aurora_model(build_blip("retrieval", "tiny"),
+                                  AuroraConfig.from_preset("cross-attention", rank=4, dropout=0.0))
+        perturb(aurora)
+        aurora.share_input_projections = share
+        calls = []
+        for layer in aurora.layers.values():
+            original = layer.input_projection
+            layer.input_projection = lambda inputs, original=original: calls.append(1) or original(inputs)
+        aurora.train()
+        score = itm(aurora, batch, images)
+        score.logsumexp(-1).sum().backward()
+        grads = {n: p.grad.clone() for n, p in aurora.named_parameters() if p.grad is not None}
+        results.append((score.detach(), grads, len(calls)))
+    (shared, shared_grads, shared_calls), (plain, plain_grads, plain_calls) = results
+    assert torch.equal(shared, plain)
+    assert shared_grads.keys() == plain_grads.keys()
+    for name, grad in shared_grads.items():
+        torch.testing.assert_close(grad, plain_grads[name], rtol=1e-6, atol=1e-7, msg=name)
+    assert (plain_calls, shared_calls) == (8, 5)  # 2 layers × q, k, v, o; the image features projected once
