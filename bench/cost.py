@@ -96,8 +96,11 @@ def _install(model: torch.nn.Module, method: H.Method) -> H.Active:
 # -- training ------------------------------------------------------------------------------------------
 
 def bench_training(model: torch.nn.Module, step: Callable[..., None], methods: Sequence[H.Method], rounds: int,
-                   steps: int, warmup: int = 1, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Time `step(call, optimizer, seed)` for every method, interleaved round by round."""
+                   steps: int, warmup: int = 1, log: Callable[[str], None] = print,
+                   install: Callable[[torch.nn.Module, H.Method], H.Active] | None = None) -> dict[str, Any]:
+    """Time `step(call, optimizer, seed)` for every method, interleaved round by round; `install` puts a
+    method on the model (default: the LAVIS harness's)."""
+    install = install or _install
     model.train()
     names = [m.name for m in methods]
     cpu: dict[str, list[list[float]]] = {n: [] for n in names}
@@ -107,7 +110,7 @@ def bench_training(model: torch.nn.Module, step: Callable[..., None], methods: S
     for round_index in range(rounds):
         for method in H.rotated(methods, round_index):
             H.release_memory()
-            active = _install(model, method)
+            active = install(model, method)
             active.call.train()  # new modules (Aurora's wrapper, peft's dropouts) follow the model's mode
             trainable[method.name] = H.count(active.trainable)
             optimizer = H.make_optimizer(active.trainable)
