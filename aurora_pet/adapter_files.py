@@ -1,16 +1,26 @@
 """Adapter files: `adapter_config.json` + `adapter_model.safetensors`, written atomically, read with checks.
 
-The safetensors header also carries the model layout (d, targets, slice offsets, fusion sites), so an
-adapter loaded into a different model is refused with the differences named, before any weight is
-touched, and a SHA-256 of the tensors, so flipped bytes are caught as well as a truncated file.
+The safetensors header carries, beside the tensors:
+- `sha256`: a SHA-256 of the tensors, so flipped bytes are caught as well as a truncated file;
+- `layout`: the model layout (d, targets, slice offsets, fusion sites), so an adapter loaded into a
+  different model is refused with the differences named, before any weight is touched;
+- `config` and `config_sha256` (format version 2): the canonical JSON of the config the adapter was saved
+  with and its SHA-256, so an `adapter_config.json` edited after saving (a changed `scale` changes every
+  update) or taken from another save is refused, with the fields that differ named.
+
+Versions read: 2 (written now) and 1 (written before the config was covered). A version-1 file still
+loads, with its tensors checked by their SHA-256 as before, but its `adapter_config.json` cannot be
+checked (there is nothing to check it against): loading warns, and saving it again writes version 2.
+A file of any other version is refused, naming the file and both versions.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from safetensors import SafetensorError
@@ -22,7 +32,18 @@ from .errors import AdapterFileError, AuroraConfigError
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
-FORMAT_VERSION = "1"
+FORMAT_VERSION = "2"
+READABLE_VERSIONS = ("1", FORMAT_VERSION)
+
+
+class SavedAdapter(NamedTuple):
+    """An adapter read from disk and checked on its own (format, config, checksum); `check_fits` then
+    checks it against a model. `file` is the weights file, named in errors."""
+
+    config: AuroraConfig
+    tensors: dict[str, torch.Tensor]
+    layout: dict[str, Any]
+    file: Path
 
 
 def save_adapter(path: str | Path, config: AuroraConfig, tensors: dict[str, torch.Tensor],
@@ -31,8 +52,9 @@ def save_adapter(path: str | Path, config: AuroraConfig, tensors: dict[str, torc
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    canonical = _canonical_config(config)
     metadata = {"format": "aurora-pet", "format_version": FORMAT_VERSION, "layout": json.dumps(layout),
-                "sha256": _digest(cpu)}
+                "sha256": _digest(cpu), "config": canonical, "config_sha256": _text_digest(canonical)}
     with atomic_files([path / WEIGHTS_NAME, path / CONFIG_NAME]) as (weights, config_file):
         save_file(cpu, str(weights), metadata=metadata)
         config_file.write_text(config.to_json() + "\n", encoding="utf-8")
@@ -40,6 +62,7 @@ def save_adapter(path: str | Path, config: AuroraConfig, tensors: dict[str, torc
 
 
 def load_adapter_config(path: str | Path) -> AuroraConfig:
+    """The config file alone, parsed and validated (`read_adapter` also checks it against the weights)."""
     file = _existing(Path(path) / CONFIG_NAME)
     try:
         return AuroraConfig.from_json_file(file)
@@ -47,10 +70,46 @@ def load_adapter_config(path: str | Path) -> AuroraConfig:
         raise AdapterFileError(f"{file}: {error}") from None
 
 
-def load_adapter_tensors(path: str | Path, layout: dict[str, Any],
-                         expected: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The saved tensors, after checking the layout, the key set and every shape against this model."""
+def read_adapter(path: str | Path) -> SavedAdapter:
+    """Both files, read and checked without a model: the format version, the config against the copy saved
+    with the weights, and the tensors' checksum."""
+    config = load_adapter_config(path)
     file = _existing(Path(path) / WEIGHTS_NAME)
+    tensors, metadata = _read_weights(file)
+    version = _check_version(file, metadata)
+    if version == "1":
+        warnings.warn(f"{file}: format version 1 (written before adapter configs were checksummed); "
+                      f"{CONFIG_NAME} is loaded unchecked. Save the adapter again to write version "
+                      f"{FORMAT_VERSION}", UserWarning, stacklevel=3)
+    else:
+        _check_config(file, metadata, config)
+    if metadata.get("sha256") != _digest(tensors):
+        raise AdapterFileError(f"{file}: checksum mismatch, the adapter weights are corrupted")
+    return SavedAdapter(config, tensors, json.loads(metadata["layout"]), file)
+
+
+def check_fits(adapter: SavedAdapter, config: AuroraConfig, layout: dict[str, Any],
+               expected: dict[str, torch.Tensor]) -> None:
+    """Refuse an adapter that does not fit a model: another layout, scale, key set or shape."""
+    file = adapter.file
+    _check_layout(file, adapter.layout, layout)
+    if adapter.config.scale != config.scale:
+        raise AdapterFileError(f"{file} was saved with scale {adapter.config.scale}, but this model's adapter "
+                               f"uses scale {config.scale}: the loaded update would be scaled differently")
+    tensors = adapter.tensors
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    wrong_shape = [f"{k}: file {tuple(tensors[k].shape)} vs model {tuple(expected[k].shape)}"
+                   for k in sorted(set(expected) & set(tensors)) if tensors[k].shape != expected[k].shape]
+    if missing or unexpected or wrong_shape:
+        raise AdapterFileError(f"{file} does not fit this model: " + "; ".join(
+            part for part in (_listing("missing keys", missing), _listing("unexpected keys", unexpected),
+                              _listing("shape mismatches", wrong_shape), _momentum_hint(missing, unexpected))
+            if part))
+
+
+def _read_weights(file: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors and the header's aurora-pet metadata."""
     try:
         tensors = load_file(file)
         with open(file, "rb") as handle:  # the header: 8-byte length, then JSON with __metadata__
@@ -61,18 +120,44 @@ def load_adapter_tensors(path: str | Path, layout: dict[str, Any],
     metadata = header.get("__metadata__") or {}
     if metadata.get("format") != "aurora-pet":
         raise AdapterFileError(f"{file}: not an aurora-pet adapter file (no aurora-pet metadata)")
-    if metadata.get("sha256") != _digest(tensors):
-        raise AdapterFileError(f"{file}: checksum mismatch, the adapter weights are corrupted")
-    _check_layout(file, json.loads(metadata["layout"]), layout)
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
-    wrong_shape = [f"{k}: file {tuple(tensors[k].shape)} vs model {tuple(expected[k].shape)}"
-                   for k in sorted(set(expected) & set(tensors)) if tensors[k].shape != expected[k].shape]
-    if missing or unexpected or wrong_shape:
-        raise AdapterFileError(f"{file} does not fit this model: " + "; ".join(
-            part for part in (_listing("missing keys", missing), _listing("unexpected keys", unexpected),
-                              _listing("shape mismatches", wrong_shape)) if part))
-    return tensors
+    return tensors, metadata
+
+
+def _check_version(file: Path, metadata: dict[str, str]) -> str:
+    version = metadata.get("format_version")
+    if version not in READABLE_VERSIONS:
+        raise AdapterFileError(f"{file}: adapter format version {version!r} is not supported; this aurora-pet "
+                               f"reads versions {', '.join(READABLE_VERSIONS)} (a newer aurora-pet wrote it?)")
+    return version
+
+
+def _check_config(file: Path, metadata: dict[str, str], config: AuroraConfig) -> None:
+    """The config file must equal the config saved in the weights' header, field by field."""
+    saved_text = metadata.get("config")
+    if saved_text is None or _text_digest(saved_text) != metadata.get("config_sha256"):
+        raise AdapterFileError(f"{file}: the copy of the config in its header is missing or corrupted")
+    try:
+        saved = AuroraConfig.from_json(saved_text, source=f"{file} (config in the header)").to_dict()
+    except AuroraConfigError as error:
+        raise AdapterFileError(str(error)) from None
+    current = config.to_dict()
+    differences = [f"{key}: {current[key]!r} in {CONFIG_NAME}, {saved[key]!r} when saved"
+                   for key in sorted(current) if current[key] != saved[key]]
+    if differences:
+        raise AdapterFileError(f"{file.parent / CONFIG_NAME} does not match the config saved with {file} ("
+                               + "; ".join(differences) + "): it was edited after saving or comes from another "
+                               "save; restore it, or save the adapter again from a model with the config you want")
+
+
+def _momentum_hint(missing: list[str], unexpected: list[str]) -> str:
+    """Momentum factors on one side only: the adapter and the model disagree about momentum encoders."""
+    if any(k.startswith("factors_m.") for k in unexpected):
+        return ("the file holds momentum factors (factors_m.*) but this model has no momentum copies of its "
+                "targets: pass momentum_pairs=[(online, momentum), ...] as when it was saved")
+    if any(k.startswith("factors_m.") for k in missing):
+        return ("this model has momentum copies of its targets but the file holds no momentum factors "
+                "(factors_m.*): it was saved from a model without momentum pairs")
+    return ""
 
 
 def _digest(tensors: dict[str, torch.Tensor]) -> str:
@@ -81,6 +166,15 @@ def _digest(tensors: dict[str, torch.Tensor]) -> str:
         digest.update(key.encode())
         digest.update(tensors[key].contiguous().view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
+
+
+def _canonical_config(config: AuroraConfig) -> str:
+    """The config as compact JSON with sorted keys: the same text for equal configs."""
+    return json.dumps(config.to_dict(), sort_keys=True, separators=(",", ":"))
+
+
+def _text_digest(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 def _check_layout(file: Path, saved: dict[str, Any], current: dict[str, Any]) -> None:

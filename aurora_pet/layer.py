@@ -53,7 +53,9 @@ class AuroraLinear:
         self.module.forward = self.forward
 
     def remove(self) -> None:
-        if "forward" in vars(self.module):
+        """Delete the forward `install` set, and only that one: undoing a failed wrapping must not take
+        away another adapter's (or the user's) patched forward."""
+        if vars(self.module).get("forward") == self.forward:
             del self.module.forward
 
     def assemble(self, slices: torch.Tensor) -> torch.Tensor:

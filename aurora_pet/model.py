@@ -71,7 +71,7 @@ class AuroraModel(nn.Module):
             _site_key(name): FusionSite(self.slice_size, config.ice, config.gqt) for name in self.fusion_sites})
         self.heads = find_modules_to_save(model, plan.modules_to_save)
         device = next((p.device for p in model.parameters()), None)
-        if device is not None:  # the adapter lives where the model does, in float32 (see docs/method.md)
+        if device is not None:  # the adapter lives where the model does, in float32 (docs/method.md, "Precision")
             for name, module in self.named_children():
                 if name != "base_model":
                     module.to(device)
@@ -82,8 +82,13 @@ class AuroraModel(nn.Module):
         self.share_input_projections = True
         self._input_projections: collections.OrderedDict[tuple[str, int, int], Any] = collections.OrderedDict()
         self._undo: list[Any] = []
+        self._base_requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
         self._freeze_base()
-        self._install()
+        try:
+            self._install()
+        except BaseException:
+            self._rollback()
+            raise
 
     # -- structure -------------------------------------------------------------------------------
     @property
@@ -174,6 +179,13 @@ class AuroraModel(nn.Module):
         while self._undo:  # third-party patches, last applied first undone
             self._undo.pop()()
 
+    def _rollback(self) -> None:
+        """Undo the wrapping completely (hooks, forwards, patches and the base's requires_grad flags), for a
+        construction or `from_pretrained` that failed: the caller's model is left as it was given."""
+        self._remove()
+        for name, parameter in self.base_model.named_parameters():
+            parameter.requires_grad_(self._base_requires_grad[name])
+
     # -- pass-through ----------------------------------------------------------------------------
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         try:
@@ -203,22 +215,27 @@ class AuroraModel(nn.Module):
             raise KeyError(f"{name!r} is not an adapted module" + (f"; did you mean {close}?" if close else ""))
         return layers[name]
 
-    @torch.no_grad()
     def merge(self) -> None:
         """W ← W + s·ΔW for every target (TensorLy reconstruction); forward then adds nothing."""
         if self.merged:
             raise MergeError("the adapter is already merged; call unmerge() before merging again")
-        for layer in self.all_layers():
-            layer.module.weight += layer.reference_delta_weight().to(layer.module.weight.dtype)
+        self._fold(1.0)
         self.merged = True
 
-    @torch.no_grad()
     def unmerge(self) -> None:
+        """W ← W − s·ΔW: the base weights again, up to the rounding of one add and one subtract."""
         if not self.merged:
             raise MergeError("the adapter is not merged; nothing to unmerge")
-        for layer in self.all_layers():
-            layer.module.weight -= layer.reference_delta_weight().to(layer.module.weight.dtype)
+        self._fold(-1.0)
         self.merged = False
+
+    @torch.no_grad()
+    def _fold(self, sign: float) -> None:
+        """W ← W ± s·ΔW, summed in the factors' float32 (or W's dtype if wider) and rounded once to W's
+        dtype, so a half-precision weight is rounded once, not once for ΔW and again for the sum."""
+        for layer in self.all_layers():
+            weight = layer.module.weight
+            weight.copy_(weight + sign * layer.reference_delta_weight())
 
     def merge_and_unload(self) -> nn.Module:
         """The plain base model (same classes and parameter names) with the update in its weights."""
@@ -288,17 +305,38 @@ class AuroraModel(nn.Module):
         return adapter_files.save_adapter(path, self.aurora_config, self.adapter_state_dict(), self.layout())
 
     def load_adapter(self, path: str | Path) -> None:
-        """Load adapter weights saved by `save_pretrained`; everything is checked before anything is copied."""
-        tensors = adapter_files.load_adapter_tensors(path, self.layout(), self.adapter_state_dict())
+        """Load adapter weights saved by `save_pretrained`; everything is checked before anything is copied.
+        A merged model stays merged, now with the loaded update (see `_load`)."""
+        self._load(adapter_files.read_adapter(path))
+
+    def _load(self, adapter: adapter_files.SavedAdapter) -> None:
+        """Check `adapter` against this model, then copy it in. Merged, the old update is folded into the
+        base weights: it is taken out (unmerge) before the factors change and the new one folded in after,
+        else a later unmerge would subtract the new update from weights that hold the old one."""
+        expected = self.adapter_state_dict()
+        adapter_files.check_fits(adapter, self.aurora_config, self.layout(), expected)
+        was_merged = self.merged
+        if was_merged:
+            self.unmerge()
         with torch.no_grad():
-            for key, target in self.adapter_state_dict().items():
-                target.copy_(tensors[key])
+            for key, target in expected.items():
+                target.copy_(adapter.tensors[key])
+        if was_merged:
+            self.merge()
 
     @classmethod
     def from_pretrained(cls, model: nn.Module, path: str | Path, **kwargs: Any) -> "AuroraModel":
-        """Wrap `model` as the adapter in `path` says and load its weights (kwargs as for the constructor)."""
-        aurora = cls(model, adapter_files.load_adapter_config(path), **kwargs)
-        aurora.load_adapter(path)
+        """Wrap `model` as the adapter in `path` says and load its weights (kwargs as for the constructor).
+
+        The files are read and checked (config, checksum) before `model` is touched; an adapter that then
+        does not fit the wrapped model undoes the wrapping, so a failed call leaves `model` as it was."""
+        adapter = adapter_files.read_adapter(path)
+        aurora = cls(model, adapter.config, **kwargs)
+        try:
+            aurora._load(adapter)
+        except BaseException:
+            aurora._rollback()
+            raise
         return aurora
 
 
