@@ -188,10 +188,18 @@ class AuroraModel(nn.Module):
 
     # -- pass-through ----------------------------------------------------------------------------
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        try:
+        with self.forward_scope():
             return self.base_model(*args, **kwargs)
+
+    @contextlib.contextmanager
+    def forward_scope(self) -> Iterator[None]:
+        """One forward pass: what the adapter caches within a pass (shared input projections) is dropped at
+        its end. `forward` uses it; code that runs a pass by calling the base model's submodules directly
+        (a loss or an evaluator over `vision_model`, `text_encoder`, ...) wraps the pass in it."""
+        try:
+            yield
         finally:
-            self._input_projections.clear()  # a cache within one forward of the wrapper
+            self._input_projections.clear()
 
     def __getattr__(self, name: str) -> Any:
         try:

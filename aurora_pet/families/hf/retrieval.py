@@ -77,17 +77,14 @@ def check_retrieval_model(model: nn.Module) -> None:
 
 @contextlib.contextmanager
 def forward_scope(model: nn.Module) -> Iterator[None]:
-    """Marks one forward pass of `model` made of direct submodule calls.
-
-    `AuroraModel.forward` clears its per-forward cache of shared input projections (z = x·V) when it
-    returns; calling the base model's submodules bypasses that forward, so the cache is cleared here
-    instead (it would otherwise keep the last pass's tensors, and their graph, alive)."""
-    try:
+    """One forward pass of `model` made of direct submodule calls: `AuroraModel.forward_scope` for a wrapped
+    model (what its own `forward` would do), nothing for a plain one."""
+    scope = getattr(model, "forward_scope", None)
+    if scope is None:
         yield
-    finally:
-        cache = getattr(model, "_input_projections", None)
-        if cache is not None:
-            cache.clear()
+        return
+    with scope():
+        yield
 
 
 def image_features(model: nn.Module, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
