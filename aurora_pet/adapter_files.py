@@ -44,17 +44,20 @@ class SavedAdapter(NamedTuple):
     tensors: dict[str, torch.Tensor]
     layout: dict[str, Any]
     file: Path
+    momentum_omitted: bool = False  # an inference export: the momentum factors restart as a copy
 
 
 def save_adapter(path: str | Path, config: AuroraConfig, tensors: dict[str, torch.Tensor],
-                 layout: dict[str, Any]) -> Path:
-    """Write both files; both are written before either replaces its predecessor (see `atomic_files`)."""
+                 layout: dict[str, Any], *, momentum_omitted: bool = False) -> Path:
+    """Write both files; both are written before either replaces its predecessor (see `atomic_files`).
+    `momentum_omitted` marks an export without the momentum factors (they restart as a copy on load)."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     canonical = _canonical_config(config)
     metadata = {"format": "aurora-pet", "format_version": FORMAT_VERSION, "layout": json.dumps(layout),
-                "sha256": _digest(cpu), "config": canonical, "config_sha256": _text_digest(canonical)}
+                "sha256": _digest(cpu), "config": canonical, "config_sha256": _text_digest(canonical),
+                "momentum_factors": "omitted" if momentum_omitted else "saved"}
     with atomic_files([path / WEIGHTS_NAME, path / CONFIG_NAME]) as (weights, config_file):
         save_file(cpu, str(weights), metadata=metadata)
         config_file.write_text(config.to_json() + "\n", encoding="utf-8")
@@ -85,7 +88,8 @@ def read_adapter(path: str | Path) -> SavedAdapter:
         _check_config(file, metadata, config)
     if metadata.get("sha256") != _digest(tensors):
         raise AdapterFileError(f"{file}: checksum mismatch, the adapter weights are corrupted")
-    return SavedAdapter(config, tensors, json.loads(metadata["layout"]), file)
+    return SavedAdapter(config, tensors, json.loads(metadata["layout"]), file,
+                        momentum_omitted=metadata.get("momentum_factors") == "omitted")
 
 
 def check_fits(adapter: SavedAdapter, config: AuroraConfig, layout: dict[str, Any],
@@ -97,6 +101,8 @@ def check_fits(adapter: SavedAdapter, config: AuroraConfig, layout: dict[str, An
         raise AdapterFileError(f"{file} was saved with scale {adapter.config.scale}, but this model's adapter "
                                f"uses scale {config.scale}: the loaded update would be scaled differently")
     tensors = adapter.tensors
+    if adapter.momentum_omitted:  # restored from the online factors by the loader
+        expected = {k: v for k, v in expected.items() if not k.startswith("factors_m.")}
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
     wrong_shape = [f"{k}: file {tuple(tensors[k].shape)} vs model {tuple(expected[k].shape)}"

@@ -308,9 +308,22 @@ class AuroraModel(nn.Module):
             state.update({f"heads.{head_name}.{k}": v for k, v in module.state_dict().items()})
         return state
 
-    def save_pretrained(self, path: str | Path) -> Path:
-        """Write adapter_config.json and adapter_model.safetensors (adapter only) into `path`."""
-        return adapter_files.save_adapter(path, self.aurora_config, self.adapter_state_dict(), self.layout())
+    def save_pretrained(self, path: str | Path, *, momentum: bool = True, dtype: torch.dtype | None = None) -> Path:
+        """Write adapter_config.json and adapter_model.safetensors (adapter only) into `path`.
+
+        For an inference export: `momentum=False` leaves out the momentum factors (`factors_m`, only
+        training uses them; loading starts them as a copy of the factors, as wrapping does), and
+        `dtype=torch.float16` / `torch.bfloat16` stores every tensor in half precision (loading casts back to
+        the adapter's float32)."""
+        state = self.adapter_state_dict()
+        if not momentum:
+            state = {k: v for k, v in state.items() if not k.startswith("factors_m.")}
+        if dtype is not None:
+            if not dtype.is_floating_point:
+                raise TypeError(f"dtype must be a floating-point dtype, got {dtype}")
+            state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+        omitted = not momentum and "aurora_factors_m" in self._modules
+        return adapter_files.save_adapter(path, self.aurora_config, state, self.layout(), momentum_omitted=omitted)
 
     def load_adapter(self, path: str | Path) -> None:
         """Load adapter weights saved by `save_pretrained`; everything is checked before anything is copied.
@@ -328,7 +341,10 @@ class AuroraModel(nn.Module):
             self.unmerge()
         with torch.no_grad():
             for key, target in expected.items():
-                target.copy_(adapter.tensors[key])
+                if key in adapter.tensors:
+                    target.copy_(adapter.tensors[key])
+            if adapter.momentum_omitted and "aurora_factors_m" in self._modules:
+                self.aurora_factors_m.load_state_dict(self.aurora_factors.state_dict())
         if was_merged:
             self.merge()
 

@@ -386,3 +386,37 @@ def test_an_adapter_with_momentum_factors_loads_through_from_pretrained(tmp_path
     plain.save_pretrained(tmp_path / "plain")
     with pytest.raises(AdapterFileError, match=r"missing keys: factors_m\..*holds no momentum factors"):
         AuroraModel.from_pretrained(momentum_toy(), tmp_path / "plain", **MOMENTUM)
+
+
+@pytest.mark.parametrize("dtype", [None, torch.float16, torch.bfloat16])
+def test_an_inference_export_leaves_out_the_momentum_factors_and_may_store_half_precision(tmp_path, dtype):
+    config = AuroraConfig(rank=4, target_modules=["qkv", "fc2"], dropout=0.0, modules_to_save=["head"])
+    model = get_aurora_model(momentum_toy(), config, **MOMENTUM)
+    perturb(model)
+    model.momentum_update()
+    full, export = tmp_path / "full", tmp_path / "export"
+    model.save_pretrained(full)
+    model.save_pretrained(export, momentum=False, dtype=dtype)
+    with safe_open(export / WEIGHTS_NAME, "pt") as handle:
+        keys = list(handle.keys())
+        stored = {handle.get_tensor(k).dtype for k in keys}
+    assert keys and not any(k.startswith("factors_m.") for k in keys)
+    assert stored == {dtype or torch.float32}
+    assert (export / WEIGHTS_NAME).stat().st_size < (full / WEIGHTS_NAME).stat().st_size
+    loaded = AuroraModel.from_pretrained(momentum_toy(), export, **MOMENTUM).eval()
+    for key, value in loaded.adapter_state_dict().items():  # fp32 again; momentum restarts as a copy
+        source = key.replace("factors_m.", "factors.", 1)
+        expected = model.adapter_state_dict()[source]
+        assert value.dtype == expected.dtype
+        tolerance = {None: 0, torch.float16: 1e-3, torch.bfloat16: 1e-2}[dtype]
+        torch.testing.assert_close(value, expected, rtol=tolerance, atol=tolerance, msg=key)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(*toy_inputs()), model.eval()(*toy_inputs()),
+                                   rtol=0.05 if dtype else 0, atol=0.05 if dtype else 0)
+
+
+def test_an_export_dtype_must_be_floating_point(tmp_path):
+    model, _ = wrap()
+    with pytest.raises(TypeError, match="floating-point"):
+        model.save_pretrained(tmp_path, dtype=torch.int8)
+    assert not list(tmp_path.iterdir())

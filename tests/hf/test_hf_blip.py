@@ -312,3 +312,19 @@ def test_shared_input_projection_equals_the_per_target_computation(retrieval_inp
     for name, grad in shared_grads.items():
         torch.testing.assert_close(grad, plain_grads[name], rtol=1e-6, atol=1e-7, msg=name)
     assert (plain_calls, shared_calls) == (8, 5)  # 2 layers × q, k, v, o; the image features projected once
+
+
+@pytest.mark.slow
+def test_blip_base_inference_exports_meet_the_size_budget(tmp_path):
+    """The default retrieval adapter (cross-attention R=64, ICE/GQT, heads) stored in fp16 fits 1.3 MB, and
+    the factors alone 0.25 MB (BLIP-base, random weights; the size depends on shapes only)."""
+    aurora = get_aurora_model(build_blip("retrieval", "base"), AuroraConfig.from_preset("cross-attention", rank=64))
+    aurora.save_pretrained(tmp_path / "fp32")
+    aurora.save_pretrained(tmp_path / "fp16", dtype=torch.float16)
+    size = {name: (tmp_path / name / "adapter_model.safetensors").stat().st_size for name in ("fp32", "fp16")}
+    assert size["fp16"] <= 1.3e6 < size["fp32"]
+    factors = AuroraConfig.from_preset("cross-attention", rank=64, ice=False, gqt=False, modules_to_save=[])
+    aurora.unload()
+    only = get_aurora_model(build_blip("retrieval", "base"), factors)
+    only.save_pretrained(tmp_path / "factors", dtype=torch.float16)
+    assert (tmp_path / "factors" / "adapter_model.safetensors").stat().st_size <= 0.25e6
