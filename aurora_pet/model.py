@@ -16,7 +16,9 @@ import collections
 import contextlib
 import difflib
 import copy
+import inspect
 import re
+import types
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
@@ -83,6 +85,7 @@ class AuroraModel(nn.Module):
         self._input_projections: collections.OrderedDict[tuple[str, int, int], Any] = collections.OrderedDict()
         self._undo: list[Any] = []
         self._base_requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
+        self.forward = _forward_with_signature_of(model, self)
         self._freeze_base()
         try:
             self._install()
@@ -362,6 +365,24 @@ class AuroraModel(nn.Module):
             aurora._rollback()
             raise
         return aurora
+
+
+def _forward_with_signature_of(model: nn.Module, aurora: "AuroraModel") -> Any:
+    """`AuroraModel.forward` bound to `aurora`, showing `model.forward`'s signature: tools that pick inputs by
+    it (`transformers.Trainer` keeps only the dataset columns the forward names) see the base model's
+    parameters instead of `*args, **kwargs`. A function object of its own per instance carries that
+    signature; `deepcopy` rebinds the method to the copy."""
+    function = types.FunctionType(AuroraModel.forward.__code__, AuroraModel.forward.__globals__, "forward",
+                                  closure=AuroraModel.forward.__closure__)
+    function.__qualname__ = AuroraModel.forward.__qualname__
+    function.__doc__ = model.forward.__doc__
+    try:
+        base = inspect.signature(model.forward)
+        self_parameter = inspect.Parameter("self", inspect.Parameter.POSITIONAL_ONLY)
+        function.__signature__ = base.replace(parameters=[self_parameter, *base.parameters.values()])
+    except (TypeError, ValueError):  # a forward without an inspectable signature keeps ours
+        pass
+    return types.MethodType(function, aurora)
 
 
 def get_aurora_model(model: nn.Module, config: AuroraConfig, **kwargs: Any) -> AuroraModel:
