@@ -2,7 +2,7 @@
 
 Each subcommand lives in `aurora_pet.cli.<name>` with `add_arguments(parser)` and
 `run(args) -> int`; only the chosen one is imported, so `aurora-pet params` does not load the
-training stack.
+training stack. A subcommand whose extra is not installed says what to install (exit code 2).
 """
 
 from __future__ import annotations
@@ -16,6 +16,8 @@ COMMANDS = {
     "train": "train and evaluate a recipe with LAVIS's runner and an Aurora adapter",
     "demo": "run the embedded demo end to end on the CPU (generated data, tiny BLIP, no download)",
 }
+# The optional dependencies (pyproject.toml) a subcommand runs on; `params` reports a missing family itself.
+EXTRAS = {"train": "lavis", "demo": "lavis"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -27,6 +29,21 @@ def main(argv: list[str] | None = None) -> int:
         if argv and argv[0] == name:
             importlib.import_module(f"aurora_pet.cli.{name}").add_arguments(sub)
     args = parser.parse_args(argv)
-    return importlib.import_module(f"aurora_pet.cli.{args.command}").run(args)
+    return run_command(args.command, args)
+
+
+def run_command(name: str, args: argparse.Namespace) -> int:
+    """Run subcommand ``name``; a third-party module of its extra that is missing is named, with the install
+    command, instead of a traceback (a missing ``aurora_pet`` module is a bug and is raised)."""
+    try:
+        return importlib.import_module(f"aurora_pet.cli.{name}").run(args)
+    except ModuleNotFoundError as error:
+        missing = error.name or ""
+        if name not in EXTRAS or not missing or missing.split(".")[0] == "aurora_pet":
+            raise
+        extra = EXTRAS[name]
+        print(f"aurora-pet {name}: error: it needs the {extra} extra, and the module {missing!r} is not installed: "
+              f"pip install 'aurora-pet[{extra}]'", file=sys.stderr)
+        return 2
 
 

@@ -32,6 +32,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``recipes/train.py``: the subcommand without the ``aurora-pet`` front end."""
+    from . import run_command
+
     parser = argparse.ArgumentParser(prog="train.py", description=__doc__.splitlines()[0])
     add_arguments(parser)
-    return run(parser.parse_args(argv))
+    return run_command("train", parser.parse_args(argv))

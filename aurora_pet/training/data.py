@@ -1,17 +1,25 @@
 """Checks of a recipe's data before anything trains, and recipes generated for local/generated data.
 
 LAVIS reads annotation files with a bare ``json.load`` (an error names neither file nor entry) and
-finds a missing image or a malformed entry only when a batch first reaches it, possibly hours into a
-run. ``check_datasets`` reads every annotation file up front and names the file, the line and the
-missing key or image instead.
+finds a missing or damaged image or a malformed entry only when a batch first reaches it, possibly hours
+into a run (or, in the evaluation, after the epoch's training). ``check_datasets`` reads every annotation
+file and opens every image up front and names the file, the line and the missing key or image instead;
+``check_split_sizes`` compares the splits with the batch size and ``k_test``.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from unittest import mock
+
+from PIL import Image, ImageFile
+from tqdm.auto import tqdm
 
 from ..errors import AuroraError
 
@@ -27,38 +35,150 @@ ENTRY_SCHEMAS = {
 }
 BUILDER_ARCH = {"flickr30k": "blip_retrieval", "coco_retrieval": "blip_retrieval", "coco_vqa": "blip_vqa"}
 ARCH_MODEL_TYPE = {"flickr30k": "flickr", "coco_retrieval": "coco", "coco_vqa": "vqav2"}
+PROGRESS_FROM = 1000  # images: fewer are checked too fast for a progress bar to help
+IMAGE_CHECK_THREADS = min(32, 4 * (os.cpu_count() or 1))  # the check waits on the disk more than on the CPU
+JPEG_END = b"\xff\xd9"  # a JPEG's end-of-image marker
 
 
 class DataError(AuroraError, ValueError):
     """A dataset file that is missing or malformed, or an image that an annotation lists but is absent."""
 
 
-def check_datasets(datasets: Mapping[str, Any], cache_root: str | Path) -> None:
-    """Every annotation file parses, every entry has the keys its dataset reads, every image exists.
+@dataclass(frozen=True)
+class SplitSize:
+    """One split of one dataset as LAVIS's dataset class indexes it."""
+
+    file: Path  # its annotation file (for VQA's lists, the one with the entries)
+    entries: int  # dataset items: captions (retrieval train), images (retrieval eval), questions (VQA)
+    images: int  # distinct images; by image_id where entries have one (retrieval draws hard negatives by it)
+    texts: int  # captions (retrieval eval: every caption of every image)
+
+
+def check_datasets(datasets: Mapping[str, Any], cache_root: str | Path, *,
+                   progress: bool = False) -> dict[str, dict[str, SplitSize]]:
+    """Every annotation file parses, every entry has the keys its dataset reads, every image exists and
+    opens (``check_images``); returns each split's size (``check_split_sizes``).
 
     ``datasets`` is the merged ``datasets`` section; relative paths resolve against ``cache_root``.
     """
     from ..data.synthetic import validate_datasets_config
 
+    sizes: dict[str, dict[str, SplitSize]] = {}
+    images: set[Path] = set()
     for name, cfg in datasets.items():
         schemas = ENTRY_SCHEMAS.get(name)
         if schemas is None:
-            continue  # other builders: only the image check below
+            continue  # other builders: only validate_datasets_config below
+        root = Path(cache_root, cfg["build_info"]["images"]["storage"])
         for split, ann in cfg["build_info"]["annotations"].items():
             storage = [ann["storage"]] if isinstance(ann["storage"], str) else list(ann["storage"])
             files = [Path(cache_root, p) for p in storage]
             schema = schemas[0] if split == "train" else schemas[1]
             # VQA eval splits list [questions, answer list, official questions, official answers]:
             # only the first holds entries (LAVIS's COCOVQAEvalDataset reads them by position).
-            for path in files if split == "train" or name != "coco_vqa" else files[:1]:
-                check_annotation_file(path, schema)
+            files = files if split == "train" or name != "coco_vqa" else files[:1]
+            entries = [entry for path in files for entry in check_annotation_file(path, schema)]
+            sizes.setdefault(name, {})[split] = _split_size(files[0], entries)
+            images.update(root / entry["image"] for entry in entries)
     try:
         validate_datasets_config(datasets, cache_root)
     except (ValueError, FileNotFoundError) as error:
         raise DataError(str(error)) from None
+    check_images(sorted(images), progress=progress)
+    return sizes
 
 
-def check_annotation_file(path: Path, schema: Mapping[str, Any]) -> None:
+def _split_size(file: Path, entries: list[dict[str, Any]]) -> SplitSize:
+    captions = [entry["caption"] for entry in entries if "caption" in entry]
+    return SplitSize(file=file, entries=len(entries),
+                     images=len({entry.get("image_id", entry["image"]) for entry in entries}),
+                     texts=sum(len(c) if isinstance(c, list) else 1 for c in captions))
+
+
+def check_split_sizes(sizes: Mapping[str, Mapping[str, SplitSize]], run_cfg: Mapping[str, Any],
+                      world_size: int) -> None:
+    """Splits too small for the run's settings, which LAVIS finds only mid-run: a training split smaller than
+    one global batch (its loader drops the incomplete batch: an epoch of no step, then a division by zero),
+    retrieval training on one image (no image to draw a hard negative from), and ``k_test`` larger than an
+    evaluation split (the ITM re-ranking takes the top ``k_test`` images and captions)."""
+    retrieval = run_cfg.get("task") == "retrieval"
+    problems = [] if run_cfg.get("evaluate", False) else _training_problems(sizes, run_cfg, world_size, retrieval)
+    if retrieval and run_cfg.get("k_test"):
+        problems += _k_test_problems(sizes, run_cfg)
+    if problems:
+        raise DataError("; ".join(problems))
+
+
+def _splits(sizes: Mapping[str, Mapping[str, SplitSize]], names: Sequence[str]) -> list[tuple[str, SplitSize]]:
+    """The named splits of every dataset."""
+    return [(name, size) for splits in sizes.values() for name, size in splits.items() if name in names]
+
+
+def _training_problems(sizes: Mapping[str, Mapping[str, SplitSize]], run_cfg: Mapping[str, Any], world_size: int,
+                       retrieval: bool) -> list[str]:
+    train = [size for _, size in _splits(sizes, run_cfg.get("train_splits", []))]
+    entries, batch = sum(s.entries for s in train), run_cfg["batch_size_train"]
+    problems = []
+    if train and entries < batch * world_size:
+        problems.append(f"the training split has {entries} entries ({', '.join(str(s.file) for s in train)}), "
+                        f"fewer than one batch of run.batch_size_train={batch} x {world_size} process(es): LAVIS "
+                        "drops an incomplete batch, so an epoch would have no step; use more data or a smaller "
+                        "run.batch_size_train")
+    if retrieval:
+        problems += [f"{s.file}: the training split shows {s.images} image(s); BLIP's retrieval loss draws each "
+                     "caption's hard negative from another image, so it needs at least two"
+                     for s in train if s.images < 2]
+    return problems
+
+
+def _k_test_problems(sizes: Mapping[str, Mapping[str, SplitSize]], run_cfg: Mapping[str, Any]) -> list[str]:
+    k_test = run_cfg["k_test"]
+    evaluated = [*run_cfg.get("valid_splits", []), *run_cfg.get("test_splits", [])]
+    return [f"run.k_test={k_test} is larger than the {s.entries} image(s) or {s.texts} caption(s) of the {name} "
+            f"split ({s.file}): the ITM re-ranking takes the top k_test of both; set run.k_test to at most "
+            f"{min(s.entries, s.texts)}" for name, s in _splits(sizes, evaluated) if k_test > min(s.entries, s.texts)]
+
+
+def check_images(paths: Sequence[Path], *, progress: bool = False) -> None:
+    """Every image opens and none is cut short; one error names every bad file. Run on threads, with a
+    progress bar for large datasets when ``progress``. LAVIS lets PIL read a truncated image's missing part
+    as grey (``LOAD_TRUNCATED_IMAGES``); the check does not."""
+    with mock.patch.object(ImageFile, "LOAD_TRUNCATED_IMAGES", False), \
+            ThreadPoolExecutor(max_workers=IMAGE_CHECK_THREADS) as pool:
+        results = tqdm(pool.map(_image_problem, paths), total=len(paths), desc="checking images", leave=False,
+                       disable=not progress or len(paths) < PROGRESS_FROM, dynamic_ncols=True)
+        problems = [problem for problem in results if problem]
+    if problems:
+        raise DataError(f"{len(problems)} of {len(paths)} images cannot be read:\n  " + "\n  ".join(problems))
+
+
+def _image_problem(path: Path) -> str | None:
+    """Why ``path`` is not a readable image, or None. Fast: the header and PIL's ``verify`` (which reads a
+    PNG's chunks and checksums); a JPEG is decoded (at 1/8 scale) only when it does not end with its
+    end-of-image marker, as a truncated one does not (data after the marker is allowed)."""
+    try:
+        if path.stat().st_size == 0:
+            return f"{path}: empty file"
+        with Image.open(path) as image:
+            jpeg = image.format == "JPEG"
+            image.verify()
+        if jpeg and not _ends_with(path, JPEG_END):
+            with Image.open(path) as image:
+                image.draft("RGB", (1, 1))
+                image.load()
+    except Exception as error:  # noqa: BLE001  PIL raises many types for a damaged file
+        return f"{path}: {error}"
+    return None
+
+
+def _ends_with(path: Path, marker: bytes) -> bool:
+    with open(path, "rb") as handle:
+        handle.seek(-len(marker), os.SEEK_END)
+        return handle.read() == marker
+
+
+def check_annotation_file(path: Path, schema: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The file's entries, each checked against ``schema``."""
     if not path.is_file():
         raise DataError(f"annotation file not found: {path}")
     text = path.read_text()
@@ -74,6 +194,7 @@ def check_annotation_file(path: Path, schema: Mapping[str, Any]) -> None:
             line = _entry_line(text, index)
             raise DataError(f"{path}:{line}: malformed annotation (entry {index}): {problem}: "
                             f"{json.dumps(entry)[:200]}")
+    return entries
 
 
 def _entry_problem(entry: Any, schema: Mapping[str, Any]) -> str | None:

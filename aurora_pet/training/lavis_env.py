@@ -24,15 +24,19 @@ import os
 import random
 import tempfile
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 from unittest import mock
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
+from ..errors import AuroraError
+
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 def import_lavis_registry():
@@ -175,3 +179,26 @@ def gather_rng_states() -> list[dict]:
 def barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
+
+
+def main_process_result(compute: Callable[[], T]) -> T:
+    """``compute()`` on the main process only, its result or error shared with every rank: no rank repeats the
+    work, and none goes on to wait in a collective for a main process that stopped (a collective call)."""
+    shared = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    main = not shared or dist.get_rank() == 0
+    result, error = None, None
+    if main:
+        try:
+            result = compute()
+        except Exception as caught:  # noqa: BLE001  (re-raised below, on every rank)
+            error = caught
+    if shared:
+        sent = error if error is None or isinstance(error, AuroraError) else RuntimeError(
+            f"the main process failed: {error!r}")  # an arbitrary exception may not pickle
+        outcome = [result, sent]
+        dist.broadcast_object_list(outcome, src=0)
+        if not main:
+            result, error = outcome
+    if error is not None:
+        raise error
+    return result

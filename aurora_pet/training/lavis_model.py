@@ -43,13 +43,14 @@ def build_model(recipe: Recipe) -> tuple[nn.Module, Any, Any]:
     model_cfg = recipe.cfg.model_cfg
     settings = recipe.model_settings
     overrides = {k: v for k, v in settings.items() if k not in MODEL_KEYS}
-    try:
+    path = checkpoint_path(model_cfg)
+    try:  # before the checkpoint downloads: a missing vocabulary stops the run first
         model = build_blip(str(model_cfg.arch), str(model_cfg.model_type), size=settings.get("size", "base"),
-                           vocab_file=settings.get("vocab_file"), **overrides)
+                           vocab_file=settings.get("vocab_file"), allow_download=settings.get("allow_download", False),
+                           pretrained_weights=path is not None, **overrides)
     except (ValueError, FileNotFoundError) as error:
         raise RecipeError(f"model: {error}") from None
     report = None
-    path = checkpoint_path(model_cfg)
     if path is None:
         log.warning("model: no checkpoint (model.pretrained is null): the base model keeps random weights")
     else:
@@ -59,9 +60,6 @@ def build_model(recipe: Recipe) -> tuple[nn.Module, Any, Any]:
             from lavis.common.dist_utils import download_cached_file
 
             path = download_cached_file(path, check_hash=False, progress=True)
-        if settings.get("size", "base") == "base" and not settings.get("vocab_file"):
-            log.warning("model: loading %s with the shipped small vocabulary; set model.vocab_file to "
-                        "bert-base-uncased's vocab.txt for real BLIP weights", path)
         report = load_checkpoint(model, path, strict=False)
         log.info("model: loaded %s: %s", path, report.summary())
         print(f"checkpoint {path}: {report.summary()}")

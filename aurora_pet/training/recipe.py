@@ -10,12 +10,14 @@ silently ignored, as LAVIS would.
 from __future__ import annotations
 
 import difflib
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -38,7 +40,12 @@ RUN_KEYS = {
 }
 # Keys of `model:` that are not build settings of `build_blip` (those are listed by the integration).
 MODEL_KEYS = {"arch", "model_type", "load_finetuned", "load_pretrained", "finetuned", "pretrained",
-              "vit_type", "med_config_path", "size", "vocab_file"}
+              "vit_type", "med_config_path", "size", "vocab_file", "allow_download"}
+# Keys that say where the model comes from, not what it is: a resumed run may change them.
+SOURCE_KEYS = ("arch", "model_type", "pretrained", "finetuned", "vocab_file", "allow_download")
+# `run:` values LAVIS divides by, loops over or takes the top-k of: a 0 fails late, or trains nothing.
+POSITIVE_RUN_INTS = ("batch_size_train", "batch_size_eval", "max_epoch", "k_test")
+LEARNING_RATES = {"init_lr": "a number > 0", "min_lr": "a number >= 0", "warmup_lr": "a finite number"}
 DATASET_KEYS = {"data_type", "build_info", "vis_processor", "text_processor", "type"}
 BUILD_INFO_KEYS = {"annotations", "images", "videos", "features"}
 SPLIT_KEYS = {"url", "storage", "md5"}
@@ -75,8 +82,7 @@ class Recipe:
         """What a checkpoint must agree with to be resumed: the adapter and the model it adapts."""
         return {"aurora": self.aurora.to_dict() if self.aurora else None,
                 "model": {"arch": self.arch, "model_type": str(self.cfg.model_cfg.model_type),
-                          **{k: v for k, v in self.model_settings.items()
-                             if k not in ("arch", "model_type", "pretrained", "finetuned", "vocab_file")}}}
+                          **{k: v for k, v in self.model_settings.items() if k not in SOURCE_KEYS}}}
 
 
 def split_options(options: Sequence[str] | None) -> list[str]:
@@ -102,12 +108,7 @@ def load_recipe(cfg_path: str | Path, options: Sequence[str] | None = None) -> R
     path = Path(cfg_path)
     if not path.is_file():
         raise RecipeError(f"recipe not found: {path}")
-    try:
-        raw = OmegaConf.load(path)
-    except (OmegaConfBaseException, ValueError, OSError) as error:  # yaml errors are ValueErrors here
-        raise RecipeError(f"{path}: not a valid yaml file ({error})") from None
-    if not isinstance(raw, DictConfig):
-        raise RecipeError(f"{path}: expected a mapping with sections {', '.join(SECTIONS)}")
+    raw = _read_yaml(path)
     options = split_options(options)
     try:
         user = OmegaConf.from_dotlist(options)
@@ -126,6 +127,7 @@ def load_recipe(cfg_path: str | Path, options: Sequence[str] | None = None) -> R
     for key in ("task", "output_dir"):
         if merged.run.get(key) is None:
             raise RecipeError(f"{path}: run.{key} is required")
+    check_run_values(merged.run, str(path))
     if registry.get_task_class(merged.run.task) is None:
         raise RecipeError(_unknown("run.task", merged.run.task, registry.mapping["task_name_mapping"]))
     lr_sched = merged.run.get("lr_sched", "linear_warmup_cosine_lr")
@@ -145,6 +147,53 @@ def load_recipe(cfg_path: str | Path, options: Sequence[str] | None = None) -> R
     settings = OmegaConf.to_container(merged.model, resolve=True)
     return Recipe(path=path, options=options, cfg=cfg, model_settings=settings, aurora=aurora,
                   adapter=adapter, raw=OmegaConf.to_container(merged, resolve=True))
+
+
+def _read_yaml(path: Path) -> DictConfig:
+    """The recipe file as OmegaConf reads it; a syntax error names the file, line and column."""
+    try:
+        raw = OmegaConf.load(path)
+    except yaml.MarkedYAMLError as error:
+        mark = error.problem_mark or error.context_mark
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        raise RecipeError(f"{where}: not valid YAML: {error.problem or error.context}") from None
+    except (yaml.YAMLError, OmegaConfBaseException, ValueError, OSError) as error:  # not UTF-8 is a ValueError
+        raise RecipeError(f"{path}: not a valid yaml file ({error})") from None
+    if not isinstance(raw, DictConfig):
+        raise RecipeError(f"{path}: expected a mapping with sections {', '.join(SECTIONS)}")
+    return raw
+
+
+def check_run_values(run: DictConfig, source: str) -> None:
+    """Counts and learning rates LAVIS would only fail on (or silently train nothing with) mid-run."""
+    problems = [f"run.{key} must be a positive integer, got {run[key]!r}" for key in POSITIVE_RUN_INTS
+                if run.get(key) is not None and not (_is_int(run[key]) and run[key] > 0)]
+    problems += [f"run.{key} must be {what}, got {run[key]!r}" for key, what in LEARNING_RATES.items()
+                 if run.get(key) is not None and not _learning_rate_ok(key, _number(run[key]))]
+    if problems:
+        raise RecipeError(f"{source}: " + "; ".join(problems))
+
+
+def _learning_rate_ok(key: str, number: float | None) -> bool:
+    if number is None or not math.isfinite(number):
+        return False
+    if key == "init_lr":
+        return number > 0  # 0 trains nothing
+    return number >= 0 or key == "warmup_lr"  # LAVIS reads a negative warmup_lr as "no warmup"
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _number(value: Any) -> float | None:
+    """A yaml number (PyYAML reads ``1e-4`` as a string), or None."""
+    if isinstance(value, bool):
+        return None
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
 
 
 def aurora_config(fields: Mapping[str, Any], arch: str) -> AuroraConfig:
@@ -182,11 +231,14 @@ def check_keys(node: DictConfig, source: str, registry) -> None:
     if isinstance(run, DictConfig):
         problems += [_unknown_key(f"run.{k}", k, RUN_KEYS) for k in run if k not in RUN_KEYS]
     aurora = node.get("aurora")
-    if isinstance(aurora, DictConfig):
+    if "aurora" in node and (aurora is None or isinstance(aurora, DictConfig) and not aurora):
+        problems.append("the aurora: section is empty; give the adapter settings (e.g. preset: cross-attention, "
+                        "rank: 64) or leave the section out for full fine-tuning")
+    elif isinstance(aurora, DictConfig):
         known = {f.name for f in dataclasses.fields(AuroraConfig)} | AURORA_EXTRA_KEYS
         problems += [_unknown_key(f"aurora.{k}", k, known) for k in aurora if k not in known]
     elif aurora is not None:
-        problems.append(f"aurora: expected a mapping of adapter settings (or null), got {aurora!r}")
+        problems.append(f"aurora: expected a mapping of adapter settings, got {aurora!r}")
     datasets = node.get("datasets")
     if isinstance(datasets, DictConfig):
         builders = registry.mapping["builder_name_mapping"]
@@ -221,6 +273,8 @@ def check_model_keys(model: DictConfig, arch: str) -> None:
                           "LAVIS's ViT 'base' (use size/vision_width/vision_depth to change it)")
     if model.get("size", "base") not in ("base", "tiny"):
         raise RecipeError(f"model.size must be 'base' or 'tiny', got {model.size!r}")
+    if not isinstance(model.get("allow_download", False), bool):
+        raise RecipeError(f"model.allow_download must be true or false, got {model.allow_download!r}")
 
 
 def build_settings(arch: str) -> set[str]:

@@ -11,9 +11,11 @@ VQA: answer ranking and the official VQA accuracy) and ``task.after_evaluation``
 - ``_save_checkpoint`` / ``_reload_best_model`` / resume: adapter-only checkpoints, atomic, with the
   training state (see ``run_state.py``) instead of LAVIS's ``checkpoint_*.pth`` of every trainable
   tensor and no RNG state;
-- ``train``: LAVIS's epoch loop, plus a checkpoint after every epoch (LAVIS saves only a new best when
-  there are validation splits), the best metric and history restored on resume (LAVIS restarts them
-  from 0), metrics files and a plot, and no checkpoint writes in evaluate-only mode.
+- ``train``: LAVIS's epoch loop, plus a checkpoint after every epoch's training, written before the epoch
+  is evaluated (LAVIS saves only a new best when there are validation splits) and completed by the
+  evaluation's results, the best metric and history restored on resume (LAVIS restarts them from 0; an
+  epoch whose evaluation was interrupted is evaluated first), metrics files and a plot, and no
+  checkpoint writes in evaluate-only mode.
 """
 
 from __future__ import annotations
@@ -130,17 +132,21 @@ class AuroraRunner(RunnerBase):
     def train(self):
         start_time = time.time()
         self.log_config()
+        pending = None  # an epoch trained before the interruption but not evaluated: its metrics row so far
         if self.resume_from is not None and not self.evaluate_only:
-            self._resume(self.resume_from)
+            pending = self._resume(self.resume_from)
         cur_epoch = self.start_epoch - 1
         for cur_epoch in range(self.start_epoch, self.max_epoch):
             record: dict[str, Any] = {"epoch": cur_epoch}
-            if not self.evaluate_only:
+            if pending is not None:
+                record, pending = pending, None
+            elif not self.evaluate_only:
                 logging.info("Start training")
                 train_stats = self.train_epoch(cur_epoch)
                 self.log_stats(split_name="train", stats=train_stats)
                 record.update(flatten("train", train_stats))
                 record["train_lr"] = float(self.optimizer.param_groups[0]["lr"])  # LAVIS rounds it to 3 decimals
+                self._save_epoch(cur_epoch, record)  # before the evaluation, which may fail: the training is kept
             for split_name in self.valid_splits:
                 logging.info("Evaluating on {}.".format(split_name))
                 val_log = self.eval_epoch(split_name=split_name, cur_epoch=cur_epoch)
@@ -157,7 +163,7 @@ class AuroraRunner(RunnerBase):
             if self.evaluate_only:
                 break
             self.history.append(record)
-            self._save_epoch(cur_epoch)
+            self._save_evaluation(cur_epoch)
             if self.epoch_callback is not None and is_main_process():
                 self.epoch_callback(record, self.max_epoch)
             barrier()
@@ -181,7 +187,7 @@ class AuroraRunner(RunnerBase):
         if source is not None:
             def copy_weights(tmp: Path) -> None:
                 for file in source.iterdir():
-                    if file.name not in (ckpt.STATE_NAME, ckpt.RESUME_NAME):
+                    if file.name not in ckpt.TRAINING_FILES:
                         shutil.copy2(file, tmp / file.name)
 
             self.final_weights = atomic_directory(self.output_dir / ("adapter" if self.aurora else "model"),
@@ -221,8 +227,9 @@ class AuroraRunner(RunnerBase):
         path = self.store.commit("best", write)
         logging.info("Saved the best checkpoint (epoch %s) to %s.", cur_epoch, path)
 
-    def _save_epoch(self, cur_epoch: int) -> None:
-        """The epoch's checkpoint, then ``latest.json`` (collective: gathers every rank's RNG state)."""
+    def _save_epoch(self, cur_epoch: int, record: dict[str, Any]) -> None:
+        """The trained epoch's checkpoint, then ``latest.json`` (collective: gathers every rank's RNG state).
+        ``record`` is the epoch's metrics row so far; the evaluation adds to it (``_save_evaluation``)."""
         rng = gather_rng_states()
         if not is_main_process():
             return
@@ -238,6 +245,7 @@ class AuroraRunner(RunnerBase):
             "best_epoch": self.best_epoch,
             "best_agg_metric": self.best_agg_metric,
             "history": self.history,
+            "record": record,
             "fingerprint": self.fingerprint,
         }
         keep_resume_state = bool(self.config.run_cfg.get("save_resume_state", True))
@@ -251,11 +259,22 @@ class AuroraRunner(RunnerBase):
         path = self.store.commit(f"epoch_{cur_epoch}", write)
         self.store.set_latest(path, cur_epoch)
         self.store.prune_resume_states(keep=path)
-        write_metrics(self.output_dir, self.history)
         logging.info("Saved the checkpoint of epoch %d to %s.", cur_epoch, path)
 
-    def _resume(self, directory: Path) -> None:
-        """Weights, momentum encoders and queues, optimizer, scaler, RNG, best metric and history."""
+    def _save_evaluation(self, cur_epoch: int) -> None:
+        """The evaluated epoch's best metric, history and RNG, added to its checkpoint; the metrics files
+        (collective: gathers every rank's RNG state, which the evaluation's loaders advanced)."""
+        rng = gather_rng_states()
+        if not is_main_process():
+            return
+        ckpt.add_evaluation(self.store.epoch_dir(cur_epoch), {
+            "rng": rng, "best_epoch": self.best_epoch, "best_agg_metric": self.best_agg_metric,
+            "history": self.history})
+        write_metrics(self.output_dir, self.history)
+
+    def _resume(self, directory: Path) -> dict[str, Any] | None:
+        """Weights, momentum encoders and queues, optimizer, scaler, RNG, best metric and history. Returns the
+        metrics row of an epoch that was trained but not evaluated (it is evaluated next), else None."""
         state = ckpt.load_state(directory)
         ckpt.check_fingerprint(directory, state.get("fingerprint"), self.fingerprint)
         model = self.unwrap_dist_model(self.model)
@@ -274,19 +293,22 @@ class AuroraRunner(RunnerBase):
         if not exact:
             logging.warning("%s has no %s: momentum encoders and queues restart from the base model",
                             directory, ckpt.RESUME_NAME)
-        self.start_epoch = int(state["epoch"]) + 1
         self.best_epoch = state.get("best_epoch")
         best = state.get("best_agg_metric")
         self.best_agg_metric = -math.inf if best is None else float(best)
         self.history = list(state.get("history") or [])
-        print(f"resumed from {directory} (epoch {state['epoch']} done; continuing at epoch {self.start_epoch})")
+        epoch = int(state["epoch"])
+        if state["evaluated"]:
+            self.start_epoch = epoch + 1
+            print(f"resumed from {directory} (epoch {epoch} done; continuing at epoch {self.start_epoch})")
+            return None
+        self.start_epoch = epoch
+        print(f"resumed from {directory} (epoch {epoch} trained, not evaluated: evaluating it, then continuing)")
+        return dict(state["record"])
 
     def _reload_best_model(self, model):
         directory = self.store.best_dir
         logging.info("Loading the best checkpoint from %s.", directory)
         ckpt.load_weights(model, directory)
         return model
-
-    def _load_checkpoint(self, url_or_filename):
-        self._resume(Path(url_or_filename))
 

@@ -3,13 +3,14 @@
 The steps are LAVIS's (``lavis/train.py``): config → distributed init → seeds → logger → task →
 datasets → model → runner → ``runner.train()``. Only the model step differs (``build_model``: our
 offline builder, ``load_checkpoint`` with a key report, ``wrap_blip``), the runner is ``AuroraRunner``
-(checkpointing, resume, CPU), and the data are checked up front.
+(checkpointing, resume, CPU), and before anything trains the main process locks the output directory,
+removes what interrupted writes left there and checks the checkpoint to resume, the data and the sizes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,8 +58,7 @@ def train(cfg_path: str | Path, options: Sequence[str] | None = None, *, resume:
     from lavis.common.logger import setup_logger
     from lavis.common.registry import registry
 
-    from .data import check_datasets
-    from .lavis_env import distributed, setup_seeds
+    from .lavis_env import distributed, main_process_result, setup_seeds
     from .lavis_model import build_model
     from .runner import AuroraRunner
 
@@ -66,25 +66,28 @@ def train(cfg_path: str | Path, options: Sequence[str] | None = None, *, resume:
     run_cfg = recipe.run_cfg
     output_dir = Path(str(run_cfg.output_dir)).expanduser().absolute()
     run_cfg.output_dir = str(output_dir)
-    resume_from = _resume_source(recipe, output_dir, resume)
-    with distributed(run_cfg):
-        from lavis.common.dist_utils import is_main_process
+    if recipe.adapter:
+        ckpt.check_adapter_config(Path(recipe.adapter), recipe.aurora.to_dict() if recipe.aurora else None)
+    with distributed(run_cfg), contextlib.ExitStack() as held:
+        from lavis.common.dist_utils import get_world_size, is_main_process
         from lavis import tasks
 
+        resume_from = main_process_result(lambda: _claim(recipe, output_dir, resume, held))
         setup_seeds(run_cfg)
         setup_logger()
         recipe.cfg.pretty_print()
-        check_datasets(recipe.cfg.datasets_cfg, registry.get_path("cache_root"))
+        main = is_main_process()
+        main_process_result(lambda: _check_data(recipe, registry.get_path("cache_root"), get_world_size()))
         task = tasks.setup_task(recipe.cfg)
         datasets = task.build_datasets(recipe.cfg)
         model, lavis_model, _ = build_model(recipe)
+        if not run_cfg.get("evaluate", False):
+            _check_queue_size(lavis_model, run_cfg, get_world_size())
         if prepare_model is not None:
             prepare_model(lavis_model)
-        main = is_main_process()
         report = _report(model, quiet or not main)
         if recipe.adapter:
             adapter = Path(recipe.adapter)
-            ckpt.check_adapter_config(adapter, recipe.aurora.to_dict() if recipe.aurora else None)
             model.load_adapter(adapter)
             print(f"loaded the adapter {adapter}")
         for key in ("output_dir", "result_dir"):  # LAVIS registers these once per process
@@ -102,6 +105,14 @@ def train(cfg_path: str | Path, options: Sequence[str] | None = None, *, resume:
     if main and not quiet:
         _print_summary(result)
     return result
+
+
+def _claim(recipe: Recipe, output_dir: Path, resume: bool, held: contextlib.ExitStack) -> Path | None:
+    """Lock the output directory for the run (released when ``held`` closes), remove what interrupted writes
+    left there (safe only under the lock), and return the checkpoint to resume from (main process only)."""
+    held.enter_context(ckpt.output_lock(output_dir))
+    ckpt.CheckpointStore(output_dir).clean_temporaries()
+    return _resume_source(recipe, output_dir, resume)
 
 
 def _resume_source(recipe: Recipe, output_dir: Path, resume: bool) -> Path | None:
@@ -123,11 +134,29 @@ def _resume_source(recipe: Recipe, output_dir: Path, resume: bool) -> Path | Non
             raise RecipeError(f"{output_dir} already holds a run (checkpoints up to {store.latest().name}); "
                               "pass --resume to continue it, or set run.output_dir to a new directory")
         return None
-    state = ckpt.load_state(source)  # check before anything runs: readable, same configuration
+    state = ckpt.load_state(source)  # check before anything runs: intact, same configuration
     ckpt.check_fingerprint(source, state.get("fingerprint"), recipe.fingerprint())
-    if int(os.environ.get("RANK", 0)) == 0:
-        store.clean_temporaries()
     return source
+
+
+def _check_data(recipe: Recipe, cache_root: str, world_size: int) -> None:
+    """Annotation files, images and split sizes (main process only: every image is opened)."""
+    from .data import check_datasets, check_split_sizes
+
+    run_cfg = recipe.run_cfg
+    sizes = check_datasets(recipe.cfg.datasets_cfg, cache_root, progress=bool(run_cfg.get("progress", True)))
+    check_split_sizes(sizes, run_cfg, world_size)
+
+
+def _check_queue_size(model: nn.Module, run_cfg, world_size: int) -> None:
+    """BLIP retrieval's feature queue advances by one global batch per step and LAVIS asserts that it divides
+    the queue, after the first steps; checked here instead, before anything trains."""
+    queue = getattr(model, "queue_size", None)
+    batch = int(run_cfg.batch_size_train) * world_size
+    if queue is not None and queue % batch:
+        raise RecipeError(f"model.queue_size={queue} is not a multiple of the global batch size {batch} "
+                          f"(run.batch_size_train={run_cfg.batch_size_train} x {world_size} process(es)); "
+                          f"use e.g. model.queue_size={max(batch, queue - queue % batch)}")
 
 
 def _report(model: nn.Module, quiet: bool) -> dict[str, Any] | None:

@@ -61,6 +61,7 @@ def test_recipe_has_the_published_settings(name):
     assert run.get("k_test") == k_test
     assert model.load_finetuned is False and "model_base_capfilt_large" in model.pretrained  # pre-trained BLIP
     assert model.get("size", "base") == "base"
+    assert model.vocab_file is None and model.allow_download is False  # BERT's vocabulary from the HF cache
     cfg = recipe.aurora
     assert cfg.rank == 64 and cfg.core == "cp" and cfg.ice and cfg.gqt and cfg.scale == 1.0
     assert cfg.target_modules == f"{arch}/cross-attention"

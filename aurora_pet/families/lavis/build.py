@@ -19,8 +19,12 @@ shipped in the package (``aurora_pet/assets/blip_vocab.txt``, package data: the 
 lower-case ASCII text tokenizes without ``[UNK]``). A reviewable text file is simpler than generating one
 at run time, since ``BertTokenizer`` reads its vocabulary from a path. As in LAVIS, ``[DEC]`` (bos) and
 ``[ENC]`` are appended after the file's tokens. The base model's embedding keeps its real 30524 rows so
-parameter counts are exact; the small vocabulary only uses the first few hundred rows. To run real BLIP
-weights pass ``vocab_file=`` the ``vocab.txt`` of ``bert-base-uncased`` (30522 tokens + 2 = 30524).
+parameter counts are exact; the small vocabulary only uses the first few hundred rows. Real BLIP weights
+index that embedding by bert-base-uncased's token ids, so a base model that gets them (``checkpoint=``,
+or ``pretrained_weights=True`` when the caller loads them) never gets the small vocabulary: it uses
+``vocab_file=`` or the ``vocab.txt`` of ``bert-base-uncased`` in the Hugging Face cache (where LAVIS's own
+tokenizer download leaves it), downloads it only with ``allow_download=True``, and otherwise stops
+(``bert_vocab_file``).
 """
 
 from __future__ import annotations
@@ -53,12 +57,14 @@ with warnings.catch_warnings():  # LAVIS's import chain raises torch.jit / fairs
     from lavis.models.med import BertConfig, XBertEncoder, XBertLMHeadDecoder
     from lavis.models.vit import VisionTransformer, VisionTransformerEncoder, interpolate_pos_embed
 
-__all__ = ["ARCHITECTURES", "DEFAULT_VOCAB", "SIZES", "CheckpointError", "LoadReport", "blip_tokenizer",
-           "build_blip", "load_checkpoint"]
+__all__ = ["ARCHITECTURES", "BERT_VOCAB_SIZE", "DEFAULT_VOCAB", "SIZES", "CheckpointError", "LoadReport",
+           "bert_vocab_file", "blip_tokenizer", "build_blip", "load_checkpoint"]
 
 log = logging.getLogger(__name__)
 
 DEFAULT_VOCAB = Path(__file__).parents[2] / "assets" / "blip_vocab.txt"
+BERT_REPO = "bert-base-uncased"
+BERT_VOCAB_SIZE = 30522  # tokens in bert-base-uncased's vocab.txt; LAVIS appends [DEC] and [ENC] after them
 ARCHITECTURES: dict[str, tuple[str, ...]] = {"blip_retrieval": ("coco", "flickr"), "blip_vqa": ("vqav2",)}
 SIZES = ("base", "tiny")
 _CLASSES = {"blip_retrieval": BlipRetrieval, "blip_vqa": BlipVQA}
@@ -121,18 +127,62 @@ def blip_tokenizer(vocab_file: str | Path | None = None) -> BertTokenizer:
     return tokenizer
 
 
+def bert_vocab_file(vocab_file: str | Path | None = None, *, allow_download: bool = False) -> Path:
+    """The ``vocab.txt`` of bert-base-uncased, which real BLIP weights need: ``vocab_file``, else the copy in
+    the Hugging Face cache (transformers' own lookup, as LAVIS's ``BertTokenizer.from_pretrained``), else
+    a download, only when ``allow_download`` (``HF_HUB_OFFLINE=1`` still forbids it)."""
+    if vocab_file is not None:
+        return Path(vocab_file)
+    from transformers.utils import cached_file
+
+    try:
+        with warnings.catch_warnings():  # huggingface_hub's deprecation warnings about transformers' arguments
+            warnings.simplefilter("ignore", FutureWarning)
+            return Path(cached_file(BERT_REPO, "vocab.txt", local_files_only=not allow_download))
+    except (OSError, ValueError) as error:
+        where = f"in the Hugging Face cache and cannot be downloaded ({str(error).splitlines()[0]})" \
+            if allow_download else "in the Hugging Face cache and downloads are not allowed"
+        raise AuroraConfigError(
+            f"BLIP-base with pretrained weights needs the vocabulary of {BERT_REPO} (the shipped one only covers "
+            f"the demo's words) and it is not {where}. Give the path of its "
+            f"vocab.txt ({BERT_VOCAB_SIZE} tokens) as vocab_file (model.vocab_file in a recipe), put it in the cache "
+            f"with `huggingface-cli download {BERT_REPO} vocab.txt`, or allow the download with allow_download=True "
+            "(model.allow_download: true in a recipe)") from None
+
+
+def _check_bert_ids(tokenizer: BertTokenizer, vocab_file: Path, vocab_size: int) -> None:
+    """Pretrained BLIP-base embeds [DEC] and [ENC] after bert-base-uncased's tokens (LAVIS adds them to that
+    tokenizer); a vocabulary of another length would read their rows for other tokens without any error."""
+    expected = (vocab_size - 2, vocab_size - 1)
+    got = (tokenizer.bos_token_id, tokenizer.enc_token_id)
+    if got != expected:
+        raise AuroraConfigError(
+            f"vocabulary {vocab_file} ({len(tokenizer.vocab)} tokens) gives [DEC] id {got[0]} and [ENC] id {got[1]}, "
+            f"but the pretrained BLIP-base embedding has them at {expected[0]} and {expected[1]}, after the "
+            f"{BERT_VOCAB_SIZE} tokens of {BERT_REPO}'s vocab.txt: pass that file as vocab_file "
+            "(model.vocab_file in a recipe)")
+
+
 def build_blip(arch: str, model_type: str, *, size: str = "base", checkpoint: str | Path | None = None,
-               vocab_file: str | Path | None = None, image_size: int | None = None, strict: bool = True,
+               vocab_file: str | Path | None = None, allow_download: bool = False,
+               pretrained_weights: bool | None = None, image_size: int | None = None, strict: bool = True,
                **overrides: Any) -> nn.Module:
     """A LAVIS ``BlipRetrieval`` / ``BlipVQA`` built without the network, random weights unless
     ``checkpoint`` is given. ``overrides`` replace single settings: LAVIS yaml keys (``queue_size``,
     ``alpha``, ``max_txt_len``, ``vit_grad_ckpt``, ...), ViT geometry (``patch_size``, ``vision_width``,
     ``vision_depth``, ``vision_heads``) or ``med_config.json`` fields (``num_hidden_layers``, ...).
     With ``strict=False`` a mismatching checkpoint is loaded as far as it matches and logged; call
-    ``load_checkpoint`` directly to get the ``LoadReport``."""
+    ``load_checkpoint`` directly to get the ``LoadReport``. ``pretrained_weights`` (default: whether
+    ``checkpoint`` is given) says real BLIP weights will be loaded: a base model then needs bert-base-uncased's
+    vocabulary (``bert_vocab_file``: ``vocab_file``, the Hugging Face cache, or a download if ``allow_download``)."""
     spec = _resolve_spec(arch, model_type, size, image_size, overrides)
+    bert_ids = size == "base" and (checkpoint is not None if pretrained_weights is None else pretrained_weights)
+    if bert_ids:
+        vocab_file = bert_vocab_file(vocab_file, allow_download=allow_download)
     tokenizer = blip_tokenizer(vocab_file)
     text = spec["text"]
+    if bert_ids:
+        _check_bert_ids(tokenizer, vocab_file, text["vocab_size"])
     if size == "tiny" and "vocab_size" not in overrides:
         text["vocab_size"] = len(tokenizer)
     if len(tokenizer) > text["vocab_size"]:
@@ -140,9 +190,6 @@ def build_blip(arch: str, model_type: str, *, size: str = "base", checkpoint: st
                                 f"vocab_size={text['vocab_size']}")
     model = (_build_retrieval if arch == "blip_retrieval" else _build_vqa)(spec, tokenizer)
     if checkpoint is not None:
-        if size == "base" and vocab_file is None:
-            log.warning("loading %s with the small shipped vocabulary: its token ids are not BERT's; pass "
-                        "vocab_file= the bert-base-uncased vocab.txt to use pretrained BLIP weights", checkpoint)
         load_checkpoint(model, checkpoint, strict=strict)
         if arch == "blip_retrieval":
             model.reset_queue_ptr()  # as LAVIS's from_config does: fine-tuning starts a fresh queue
