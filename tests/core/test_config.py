@@ -69,3 +69,9 @@ def test_presets_import_no_third_party_model_library():
 def test_short_preset_names_need_a_model():
     with pytest.raises(AuroraConfigError, match="cross-attention"):
         AuroraConfig.from_preset("cross-atention")
+
+
+def test_a_string_modules_to_save_is_one_name():
+    """0.1 turned "itm_head" into ['i', 't', 'm', ...]: a string there is one module name."""
+    assert AuroraConfig(modules_to_save="itm_head").modules_to_save == ["itm_head"]
+    assert AuroraConfig.from_dict({"modules_to_save": "itm_head"}).modules_to_save == ["itm_head"]

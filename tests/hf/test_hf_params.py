@@ -58,3 +58,21 @@ def test_bad_arguments_are_clear_errors(capsys, argv, message):
     code, out, err = params(capsys, *argv)
     assert code == 2 and out == ""
     assert re.search(message, err.splitlines()[-1]), err
+
+
+def test_an_adapter_larger_than_what_it_adapts_is_warned_about(capsys):
+    code, out, err = params(capsys, "--rank", "768", "--core", "tucker")
+    assert code == 0 and "203.1975%" in out
+    assert "warning: this adapter trains 454,642,702 parameters, more than the 28,311,552 of the modules it adapts" in err
+
+
+def test_arguments_are_checked_before_anything_is_built(capsys, monkeypatch):
+    from aurora_pet.cli import params as command
+
+    def refuse(*args):
+        raise AssertionError("built a model for arguments that were already wrong")
+
+    monkeypatch.setattr(command, "build_model", refuse)
+    for argv in (["--rank", "10000"], ["--lora-rank", "0"], ["--preset", "nope"], ["--arch", "blip2", "--rank", "0"]):
+        code, out, err = params(capsys, *argv)
+        assert code == 2 and out == "" and "error:" in err, argv
