@@ -241,6 +241,26 @@ class AuroraModel(nn.Module):
         self.merged = False
 
     @torch.no_grad()
+    @contextlib.contextmanager
+    def temporarily_merged(self) -> Iterator[None]:
+        """The update folded into the weights for the block — inference at the base model's speed, ICE/GQT
+        still running — then the exact weights back: the targets' weights are copied before merging and
+        copied back after, not recomputed by a subtraction, so training goes on bit for bit. A model that is
+        already merged stays as it is."""
+        if self.merged:
+            yield
+            return
+        saved = [(layer.module.weight, layer.module.weight.detach().clone()) for layer in self.all_layers()]
+        with torch.no_grad():
+            self.merge()
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for weight, original in saved:
+                    weight.copy_(original)
+            self.merged = False
+
     def _fold(self, sign: float) -> None:
         """W ← W ± s·ΔW, summed in the factors' float32 (or W's dtype if wider) and rounded once to W's
         dtype, so a half-precision weight is rounded once, not once for ΔW and again for the sum."""

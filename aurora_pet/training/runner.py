@@ -38,6 +38,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm.auto import tqdm
 
 from ..atomic import atomic_directory
+from ..model import AuroraModel
 from . import run_state as ckpt
 from .lavis_env import barrier, gather_rng_states, set_rng_state
 from .metrics import flatten, plot_metrics, write_metrics
@@ -113,7 +114,9 @@ class AuroraRunner(RunnerBase):
 
     def _wrap_evaluation(self) -> None:
         """Evaluation on the run's device (LAVIS's ``BaseTask.evaluation`` defaults to CUDA), with a
-        progress bar over the image pass of retrieval evaluation."""
+        progress bar over the image pass of retrieval evaluation, and with the factors merged into the weights
+        (base-model speed; the exact weights are restored afterwards, see
+        ``AuroraModel.temporarily_merged``)."""
         original = self.task.evaluation
         cuda = self.cuda_enabled
         progress = bool(self.config.run_cfg.get("progress", True)) and is_main_process()
@@ -124,7 +127,10 @@ class AuroraRunner(RunnerBase):
             kwargs.setdefault("cuda_enabled", cuda)
             if retrieval:
                 data_loader = _ProgressLoader(data_loader, "eval: image features", progress)
-            return original(model, data_loader, **kwargs)
+            if not isinstance(model, AuroraModel):
+                return original(model, data_loader, **kwargs)
+            with model.temporarily_merged():
+                return original(model, data_loader, **kwargs)
 
         self.task.evaluation = evaluation
 
@@ -207,8 +213,6 @@ class AuroraRunner(RunnerBase):
 
     @property
     def aurora(self) -> bool:
-        from ..model import AuroraModel
-
         return isinstance(self._model, AuroraModel)
 
     # -- checkpoints -----------------------------------------------------------------------------

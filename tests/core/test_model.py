@@ -300,3 +300,20 @@ def test_a_regex_branch_that_matches_nothing_is_named_in_a_warning():
 def test_no_warning_when_every_branch_matches(recwarn):
     wrap(target_modules=r"blocks\.\d+\.qkv|blocks\.\d+\.(fc1|fc2)", modules_to_save=[])
     assert not [w for w in recwarn if "matched no" in str(w.message)]
+
+
+def test_temporarily_merged_runs_at_merged_weights_and_restores_them_exactly():
+    model, _ = wrap(ice=True, gqt=True)
+    perturb(model)
+    weights = {name: layer.module.weight.detach().clone() for name, layer in model.layers.items()}
+    inputs = toy_inputs()
+    with torch.no_grad():
+        unmerged = model(*inputs)
+        with model.temporarily_merged():
+            assert model.merged
+            changed = [n for n, l in model.layers.items() if not torch.equal(l.module.weight, weights[n])]
+            merged = model(*inputs)
+    assert changed == list(model.layers)  # the update was in the weights
+    torch.testing.assert_close(merged, unmerged, rtol=1e-5, atol=1e-5)
+    assert not model.merged
+    assert all(torch.equal(layer.module.weight, weights[name]) for name, layer in model.layers.items())
