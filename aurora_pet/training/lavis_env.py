@@ -128,6 +128,29 @@ def distributed(run_cfg) -> Iterator[None]:
             os.rmdir(tmpdir)
 
 
+@contextlib.contextmanager
+def process_state_restored() -> Iterator[None]:
+    """A run seeds every RNG (as LAVIS's train.py) and LAVIS configures the root logger; a library call
+    must not leave either changed for its caller: the RNG states, cuDNN flags and the root logger's
+    handlers and level are put back when the run ends."""
+    python, numpy_state = random.getstate(), np.random.get_state()
+    cudnn = (torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic)
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    try:
+        with torch.random.fork_rng(devices=list(range(torch.cuda.device_count())) if torch.cuda.is_initialized()
+                                   else []):
+            yield
+    finally:
+        random.setstate(python)
+        np.random.set_state(numpy_state)
+        torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = cudnn
+        for handler in root.handlers[:]:
+            if handler not in handlers:
+                root.removeHandler(handler)
+        root.setLevel(level)
+
+
 def setup_seeds(run_cfg) -> None:
     """As LAVIS's train.py: seed + rank for python, numpy and torch; deterministic cuDNN."""
     from lavis.common.dist_utils import get_rank

@@ -58,7 +58,7 @@ def train(cfg_path: str | Path, options: Sequence[str] | None = None, *, resume:
     from lavis.common.logger import setup_logger
     from lavis.common.registry import registry
 
-    from .lavis_env import distributed, main_process_result, setup_seeds
+    from .lavis_env import distributed, main_process_result, process_state_restored, setup_seeds
     from .lavis_model import build_model
     from .runner import AuroraRunner
 
@@ -68,7 +68,7 @@ def train(cfg_path: str | Path, options: Sequence[str] | None = None, *, resume:
     run_cfg.output_dir = str(output_dir)
     if recipe.adapter:
         ckpt.check_adapter_config(Path(recipe.adapter), recipe.aurora.to_dict() if recipe.aurora else None)
-    with distributed(run_cfg), contextlib.ExitStack() as held:
+    with process_state_restored(), distributed(run_cfg), contextlib.ExitStack() as held:
         from lavis.common.dist_utils import get_world_size, is_main_process
         from lavis import tasks
 

@@ -4,6 +4,7 @@ code path users run (``aurora-pet train`` = ``recipes/train.py``) with a tiny BL
 from __future__ import annotations
 
 import json
+import logging
 import re
 import subprocess
 import sys
@@ -177,7 +178,10 @@ RETRIEVAL_METRICS = {f"test_{d}_r{k}" for d in ("txt", "img") for k in (1, 5, 10
 def test_retrieval_recipe_end_to_end(name, style, tmp_path):
     written = retrieval_data(tmp_path / "data", style=style)
     out = tmp_path / "run"
+    rng, handlers = torch.get_rng_state(), list(logging.getLogger().handlers)
     result = train(RECIPES / f"{name}.yaml", dataset_options(written, image_size=IMAGE_SIZE) + tiny_options(out))
+    # a library call: the run seeded every RNG and LAVIS set up logging, and both are as they were
+    assert torch.equal(torch.get_rng_state(), rng) and logging.getLogger().handlers == handlers
     metrics = _check_run(out, RETRIEVAL_METRICS)
     assert result.final == metrics["final"] and result.final["epoch"] == "best"
     assert {"train_loss", "val_agg_metrics"} <= set(metrics["epochs"][0])
