@@ -210,6 +210,11 @@ class AuroraModel(nn.Module):
         except AttributeError:
             if name == "base_model":
                 raise
+            if name in _BASE_ADAPTER_API:
+                raise AttributeError(
+                    f"AuroraModel has no {name}(): it holds one Aurora adapter (named adapters are not supported "
+                    f"yet), and the base model's own {name} belongs to transformers' PEFT integration, which "
+                    "knows nothing of it; use save_pretrained / load_adapter / disable_adapter()") from None
             return getattr(self.base_model, name)
 
     # -- the update ------------------------------------------------------------------------------
@@ -385,6 +390,11 @@ class AuroraModel(nn.Module):
             aurora._rollback()
             raise
         return aurora
+
+
+# transformers' PEFT-integration methods on a base model: passed through, they would act on another adapter
+_BASE_ADAPTER_API = frozenset({"add_adapter", "set_adapter", "delete_adapter", "disable_adapters",
+                               "enable_adapters", "active_adapters", "active_adapter", "get_adapter_state_dict"})
 
 
 def _forward_with_signature_of(model: nn.Module, aurora: "AuroraModel") -> Any:

@@ -60,3 +60,13 @@ def test_three_trainer_steps_move_only_the_adapter(tmp_path, tokenizer):
     moved = [n for n, p in aurora.named_parameters() if p.requires_grad and not torch.equal(p, before[n])]
     assert any(n.startswith("aurora_factors.") for n in moved) and any(n.startswith("aurora_fusion.") for n in moved)
     assert all(torch.equal(p, frozen[n]) for n, p in aurora.named_parameters() if not p.requires_grad)
+
+
+def test_transformers_peft_hooks_of_the_base_model_are_not_passed_through():
+    aurora = get_aurora_model(build_blip("vqa", "tiny"), AuroraConfig(rank=4))
+    assert hasattr(aurora.base_model, "add_adapter")  # transformers' PeftAdapterMixin
+    for name in ("add_adapter", "set_adapter", "disable_adapters", "active_adapters"):
+        with pytest.raises(AttributeError, match=f"AuroraModel has no {name}.*named adapters are not supported"):
+            getattr(aurora, name)
+    assert not hasattr(aurora, "enable_adapters")
+    assert aurora.generate is not None and aurora.config is aurora.base_model.config  # the rest passes through
