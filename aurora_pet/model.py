@@ -256,8 +256,7 @@ class AuroraModel(nn.Module):
             yield
             return
         saved = [(layer.module.weight, layer.module.weight.detach().clone()) for layer in self.all_layers()]
-        with torch.no_grad():
-            self.merge()
+        self.merge()
         try:
             yield
         finally:
@@ -269,9 +268,10 @@ class AuroraModel(nn.Module):
     def _fold(self, sign: float) -> None:
         """W ← W ± s·ΔW, summed in the factors' float32 (or W's dtype if wider) and rounded once to W's
         dtype, so a half-precision weight is rounded once, not once for ΔW and again for the sum."""
-        for layer in self.all_layers():
-            weight = layer.module.weight
-            weight.copy_(weight + sign * layer.reference_delta_weight())
+        with torch.no_grad():  # a weight update, not part of any graph (the weights stay frozen leaves)
+            for layer in self.all_layers():
+                weight = layer.module.weight
+                weight.copy_(weight + sign * layer.reference_delta_weight())
 
     def merge_and_unload(self) -> nn.Module:
         """The plain base model (same classes and parameter names) with the update in its weights."""

@@ -317,3 +317,13 @@ def test_temporarily_merged_runs_at_merged_weights_and_restores_them_exactly():
     torch.testing.assert_close(merged, unmerged, rtol=1e-5, atol=1e-5)
     assert not model.merged
     assert all(torch.equal(layer.module.weight, weights[name]) for name, layer in model.layers.items())
+
+
+def test_merge_in_grad_mode_leaves_the_weights_frozen_leaves():
+    model, _ = wrap()
+    perturb(model)
+    model.merge()  # grad mode on, factors require grad: the fold must not enter the graph
+    model.unmerge()
+    for layer in model.layers.values():
+        assert layer.module.weight.is_leaf and not layer.module.weight.requires_grad
+    model.unload().requires_grad_(False)  # what failed: "can only change requires_grad flags of leaf variables"
