@@ -3,10 +3,10 @@
 A weight W (d_out×d_in) is a grid of n_out×n_in blocks of size a×b; block (i, j) is slice
 m = first_slice + i·n_in + j (row-major). A side that is a multiple of d is cut into d-wide blocks (a fused
 qkv, 2304×768, is 3 slices; an MLP fc2, 768×3072, is 4); a side of another width w is one block of
-width w (its own width class, see `factors`). The update is y += s · dropout(x) · ΔWᵀ, added without touching the module's
-parameters: the module keeps its class and its parameter names (LAVIS loads checkpoints by name, with
-strict=False, so a rename would silently drop pretrained weights). We only shadow its `forward` with an
-instance attribute, which `remove()` deletes again.
+width w (its own width class, see `factors`). The update is y += s · dropout(x) · ΔWᵀ, added without
+touching the module's parameters: the module keeps its class and its parameter names (LAVIS loads
+checkpoints by name, with strict=False, so a rename would silently drop pretrained weights). We only shadow
+its `forward` with an instance attribute, which `remove()` deletes again.
 """
 
 from __future__ import annotations

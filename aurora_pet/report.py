@@ -93,7 +93,8 @@ def format_report(report: dict[str, Any]) -> str:
     rows = report_rows(report)
     width = max(len(row.label) for row in rows) + 2
     widths = report.get("width_classes", {})
-    other = "".join(f" + {side} widths {', '.join(map(str, widths[side]))}" for side in ("out", "in") if widths.get(side))
+    other = "".join(f" + {side} widths {', '.join(map(str, widths[side]))}"
+                    for side in ("out", "in") if widths.get(side))
     lines = [f"Aurora {report['core']} R={report['rank']}  d={report['slice_size']}{other}  "
              f"M={report['num_slices']} slices in {report['num_targets']} target modules",
              f"{'group':<{width}}{'parameters':>14}{'% of base':>12}"]

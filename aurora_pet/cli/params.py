@@ -163,6 +163,7 @@ def render(report: dict[str, Any], fmt: str) -> str:
         return out.getvalue().rstrip("\n")
     model = report["model"]
     config = report["config"]
-    title = (f"{get_family(model['family']).title} {model['arch']}, {model['size']} architecture with random weights; targets "
-             f"{config['target_modules']}; ICE {'on' if config['ice'] else 'off'}, GQT {'on' if config['gqt'] else 'off'}")
+    switches = f"ICE {'on' if config['ice'] else 'off'}, GQT {'on' if config['gqt'] else 'off'}"
+    title = (f"{get_family(model['family']).title} {model['arch']}, {model['size']} architecture with random weights; "
+             f"targets {config['target_modules']}; {switches}")
     return title + "\n" + format_report(report)
