@@ -12,3 +12,13 @@ __all__ = [
     "num_factor_parameters",
 ]
 __version__ = "0.2.0.dev0"
+
+
+def __getattr__(name: str):
+    """`AuroraPeftConfig` on first use: it imports peft and registers Aurora with it
+    (`aurora_pet.integrations.peft`); `import aurora_pet` alone imports neither."""
+    if name == "AuroraPeftConfig":
+        from .integrations.peft import AuroraPeftConfig
+
+        return AuroraPeftConfig
+    raise AttributeError(f"module 'aurora_pet' has no attribute {name!r}")

@@ -12,10 +12,16 @@ Versions read: 2 (written now) and 1 (written before the config was covered). A 
 loads, with its tensors checked by their SHA-256 as before, but its `adapter_config.json` cannot be
 checked (there is nothing to check it against): loading warns, and saving it again writes version 2.
 A file of any other version is refused, naming the file and both versions.
+
+Adapters saved through PEFT (`AuroraPeftConfig`, see `aurora_pet.integrations.peft`) are read too: PEFT's
+`adapter_config.json` (with `"peft_type": "AURORA"`) and its keys (`base_model.aurora_adapters.<key>` for the
+factors and ICE/GQT, `base_model.model.<head>.<tensor>` for the heads). PEFT writes no checksum and no
+layout, so such a file is checked by its keys and shapes only, with a warning.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import warnings
@@ -34,6 +40,9 @@ CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 FORMAT_VERSION = "2"
 READABLE_VERSIONS = ("1", FORMAT_VERSION)
+PEFT_TYPE = "AURORA"  # `peft_type` in the adapter_config.json of an adapter saved through PEFT
+PEFT_ADAPTER_PREFIX = "base_model.aurora_adapters."  # PEFT's keys of the factors and ICE/GQT
+PEFT_HEAD_PREFIX = "base_model.model."  # PEFT's keys of the heads (modules_to_save)
 
 
 class SavedAdapter(NamedTuple):
@@ -42,7 +51,7 @@ class SavedAdapter(NamedTuple):
 
     config: AuroraConfig
     tensors: dict[str, torch.Tensor]
-    layout: dict[str, Any]
+    layout: dict[str, Any] | None  # None: saved through PEFT, which records no layout
     file: Path
     momentum_omitted: bool = False  # an inference export: the momentum factors restart as a copy
 
@@ -76,6 +85,8 @@ def load_adapter_config(path: str | Path) -> AuroraConfig:
 def read_adapter(path: str | Path) -> SavedAdapter:
     """Both files, read and checked without a model: the format version, the config against the copy saved
     with the weights, and the tensors' checksum."""
+    if _saved_through_peft(path):
+        return _read_peft_saved(path)
     config = load_adapter_config(path)
     file = _existing(Path(path) / WEIGHTS_NAME)
     tensors, metadata = _read_weights(file)
@@ -96,7 +107,8 @@ def check_fits(adapter: SavedAdapter, config: AuroraConfig, layout: dict[str, An
                expected: dict[str, torch.Tensor]) -> None:
     """Refuse an adapter that does not fit a model: another layout, scale, key set or shape."""
     file = adapter.file
-    _check_layout(file, adapter.layout, layout)
+    if adapter.layout is not None:
+        _check_layout(file, adapter.layout, layout)
     if adapter.config.scale != config.scale:
         raise AdapterFileError(f"{file} was saved with scale {adapter.config.scale}, but this model's adapter "
                                f"uses scale {config.scale}: the loaded update would be scaled differently")
@@ -112,6 +124,53 @@ def check_fits(adapter: SavedAdapter, config: AuroraConfig, layout: dict[str, An
             part for part in (_listing("missing keys", missing), _listing("unexpected keys", unexpected),
                               _listing("shape mismatches", wrong_shape), _momentum_hint(missing, unexpected))
             if part))
+
+
+def peft_key(key: str) -> str:
+    """The key PEFT gives one of our adapter tensors (`factors.U`, `heads.itm_head.weight`, ...)."""
+    if key.startswith("heads."):
+        return PEFT_HEAD_PREFIX + key.removeprefix("heads.")
+    return PEFT_ADAPTER_PREFIX + key
+
+
+def key_from_peft(key: str, file: Path) -> str:
+    """Ours for a key PEFT wrote (the inverse of `peft_key`)."""
+    if key.startswith(PEFT_ADAPTER_PREFIX):
+        return key.removeprefix(PEFT_ADAPTER_PREFIX)
+    if key.startswith(PEFT_HEAD_PREFIX):
+        return "heads." + key.removeprefix(PEFT_HEAD_PREFIX)
+    raise AdapterFileError(f"{file}: key {key!r} is neither an Aurora tensor ({PEFT_ADAPTER_PREFIX}…) nor a "
+                           f"head ({PEFT_HEAD_PREFIX}…)")
+
+
+def _saved_through_peft(path: str | Path) -> bool:
+    file = Path(path) / CONFIG_NAME
+    try:
+        return "peft_type" in json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError, TypeError):
+        return False  # missing or unreadable: load_adapter_config names the problem
+
+
+def _read_peft_saved(path: str | Path) -> SavedAdapter:
+    """An adapter saved through PEFT: its config's Aurora fields, its tensors under our keys."""
+    config_file = Path(path) / CONFIG_NAME
+    data = json.loads(config_file.read_text(encoding="utf-8"))
+    if data["peft_type"] != PEFT_TYPE:
+        raise AdapterFileError(f"{config_file}: a PEFT {data['peft_type']} adapter, not an Aurora one")
+    fields = {f.name for f in dataclasses.fields(AuroraConfig)}
+    try:
+        config = AuroraConfig.from_dict({k: v for k, v in data.items() if k in fields})
+    except AuroraConfigError as error:
+        raise AdapterFileError(f"{config_file}: {error}") from None
+    file = _existing(Path(path) / WEIGHTS_NAME)
+    try:
+        tensors = load_file(file)
+    except (SafetensorError, OSError, ValueError) as error:
+        raise AdapterFileError(f"{file}: cannot read adapter weights, the file is truncated or corrupted "
+                               f"({error})") from None
+    warnings.warn(f"{file} was saved through PEFT, which records no checksum and no layout: it is checked by its "
+                  "keys and shapes only", UserWarning, stacklevel=3)
+    return SavedAdapter(config, {key_from_peft(k, file): v for k, v in tensors.items()}, None, file)
 
 
 def _read_weights(file: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

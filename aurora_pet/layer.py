@@ -22,17 +22,19 @@ from torch import nn
 SHARED_PROJECTIONS = 4
 
 if TYPE_CHECKING:  # pragma: no cover
+    from .adapter import Adapter
     from .factors import ModeFactors
     from .model import AuroraModel
 
 
 class AuroraLinear:
-    """Slice bookkeeping and the forward pass of one target; the factors live in the owning model."""
+    """Slice bookkeeping and the forward pass of one target of one adapter; the factors live in the adapter,
+    what all adapters share (on/off, merged, the projection cache) in the model."""
 
-    def __init__(self, name: str, module: nn.Linear, first_slice: int, d: int, owner: "AuroraModel",
-                 factors_name: str = "aurora_factors") -> None:
-        self.name, self.module, self.d, self.owner = name, module, d, owner
-        self.factors_name = factors_name  # "aurora_factors_m" for a momentum copy
+    def __init__(self, name: str, module: nn.Linear, first_slice: int, d: int, adapter: "Adapter",
+                 model: "AuroraModel", momentum: bool = False) -> None:
+        self.name, self.module, self.d, self.adapter, self.model = name, module, d, adapter, model
+        self.momentum = momentum  # a momentum copy: reads the EMA factors
         self.block_out, self.block_in = block_width(module.out_features, d), block_width(module.in_features, d)
         self.n_out, self.n_in = module.out_features // self.block_out, module.in_features // self.block_in
         self.first_slice = first_slice
@@ -41,22 +43,15 @@ class AuroraLinear:
 
     @property
     def factors(self) -> "ModeFactors":
-        return getattr(self.owner, self.factors_name)
+        return self.adapter.factors_m if self.momentum else self.adapter.factors
+
+    @property
+    def scale(self) -> float:
+        return self.adapter.config.scale
 
     @property
     def num_slices(self) -> int:
         return self.n_out * self.n_in
-
-    def install(self) -> None:
-        if "forward" in vars(self.module):
-            raise RuntimeError(f"module {self.name!r} already has an adapter (or a patched forward)")
-        self.module.forward = self.forward
-
-    def remove(self) -> None:
-        """Delete the forward `install` set, and only that one: undoing a failed wrapping must not take
-        away another adapter's (or the user's) patched forward."""
-        if vars(self.module).get("forward") == self.forward:
-            del self.module.forward
 
     def assemble(self, slices: torch.Tensor) -> torch.Tensor:
         """(n, a, b) slices → the (d_out, d_in) block matrix of this target."""
@@ -66,19 +61,19 @@ class AuroraLinear:
     def delta_weight(self) -> torch.Tensor:
         """s·ΔW of this target, shape (d_out, d_in), differentiable (our einsum path)."""
         slices = self.factors.slices(self.slice_range, self.block_out, self.block_in)
-        return self.owner.aurora_config.scale * self.assemble(slices)
+        return self.scale * self.assemble(slices)
 
     def reference_delta_weight(self) -> torch.Tensor:
         """s·ΔW built from TensorLy's reconstruction: what merge and export use."""
         tensor = self.factors.to_tensor(self.slice_range, self.block_out, self.block_in)  # (a, b, n)
-        return self.owner.aurora_config.scale * self.assemble(tensor.permute(2, 0, 1))
+        return self.scale * self.assemble(tensor.permute(2, 0, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         module = self.module
-        if not self.owner.adapter_active:
+        if not self.model.adapter_active:
             return type(module).forward(module, x)
         # dropout follows the adapted module's own mode, so base_model.eval() also turns it off
-        p = self.owner.aurora_dropout.p
+        p = self.adapter.dropout.p
         dropout_active = module.training and p > 0
 
         def dropout(t: torch.Tensor) -> torch.Tensor:
@@ -106,7 +101,7 @@ class AuroraLinear:
         factors = self.factors
         left = factors.left_maps(self.slice_range, self.block_out).reshape(self.module.out_features, factors.rank)
         return torch.addmm(weight, left.to(weight.dtype), factors.v(self.block_in).T.to(weight.dtype),
-                           alpha=self.owner.aurora_config.scale)
+                           alpha=self.scale)
 
     def input_projection(self, x: torch.Tensor) -> torch.Tensor:
         """z = x_j·V_b for every input block j, shape (tokens, n_in·R)."""
@@ -120,12 +115,12 @@ class AuroraLinear:
         target computes it, the others reuse it, forward and backward (autograd sums the uses). Reused only
         while neither `x` nor V_b has changed in place and the grad mode is the same; without dropout only,
         since each target draws its own dropout mask."""
-        owner = self.owner
-        if not owner.share_input_projections:
+        model = self.model
+        if not model.share_input_projections:
             return self.input_projection(inputs)
         v = self.factors.v(self.block_in)
-        cache = owner._input_projections
-        key = (self.factors_name, self.block_in, id(x))
+        cache = model._input_projections
+        key = (id(self.factors), self.block_in, id(x))
         state = (x._version, v._version, torch.is_grad_enabled(), tuple(x.shape), x.dtype)
         cached = cache.get(key)
         if cached is not None and cached[0] is x and cached[1] == state:
@@ -146,7 +141,7 @@ class AuroraLinear:
             rank = self.factors.rank
             up = left.reshape(self.n_out, self.n_in, self.block_out, rank).permute(1, 3, 0, 2).reshape(
                 self.n_in * rank, self.module.out_features)
-        scale = self.owner.aurora_config.scale
+        scale = self.scale
         return (up if scale == 1 else scale * up).to(dtype)
 
     def factored_delta(self, x: torch.Tensor) -> torch.Tensor:
@@ -162,7 +157,7 @@ class AuroraLinear:
         materialised: d_out·d_in·R to build ΔW, plus N·d_out·d_in for ∂L/∂ΔW when training; the product
                       x·(W + ΔW)ᵀ itself replaces the base matmul, so it costs nothing extra.
         """
-        mode = self.owner.aurora_config.forward_mode
+        mode = self.adapter.config.forward_mode
         if mode != "auto":
             return mode == "materialised"
         factors = self.factors
@@ -173,6 +168,32 @@ class AuroraLinear:
         if torch.is_grad_enabled() and factors.V.requires_grad:
             materialised += tokens * size
         return materialised < factored
+
+
+class TargetDispatch:
+    """The forward installed on an adapted module: the active adapter's `AuroraLinear` where that adapter
+    adapts the module, else the module's own forward (named adapters may adapt different modules)."""
+
+    def __init__(self, name: str, module: nn.Linear, model: "AuroraModel") -> None:
+        self.name, self.module, self.model = name, module, model
+        self.layers: dict[str, AuroraLinear] = {}  # adapter name → its layer for this module
+
+    def install(self) -> None:
+        if "forward" in vars(self.module):
+            raise RuntimeError(f"module {self.name!r} already has an adapter (or a patched forward)")
+        self.module.forward = self.forward
+
+    def remove(self) -> None:
+        """Delete the forward `install` set, and only that one: undoing a failed wrapping must not take
+        away another adapter's (or the user's) patched forward."""
+        if vars(self.module).get("forward") == self.forward:
+            del self.module.forward
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        layer = self.layers.get(self.model.active_adapter)
+        if layer is None:
+            return type(self.module).forward(self.module, x)
+        return layer.forward(x)
 
 
 def block_width(width: int, d: int) -> int:

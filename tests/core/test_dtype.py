@@ -58,6 +58,7 @@ def test_half_precision_output_follows_the_float32_computation(dtype):
     model = half_model(dtype)
     perturb(model)
     full = get_aurora_model(ToyModel().to(dtype).float(), model.aurora_config)
+    full.base_model.load_state_dict(model.base_model.state_dict())  # state_dict() holds the adapter only
     full.load_state_dict(model.state_dict())
     model.eval(), full.eval()
     expected = full(*(t.float() for t in half_inputs(dtype)))

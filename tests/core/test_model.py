@@ -60,8 +60,8 @@ def test_output_equals_base_at_initialisation(core):
 def test_only_adapter_and_heads_require_grad():
     model, _ = wrap(ice=True, gqt=True)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert trainable == {n for n in trainable if n.startswith(("aurora_factors.", "aurora_fusion.", "base_model.head."))}
-    assert {"base_model.head.weight", "aurora_factors.U", "aurora_factors.V"} <= trainable
+    assert trainable == {n for n in trainable if n.startswith(("aurora_adapters.default.factors.", "aurora_adapters.default.fusion.", "base_model.head."))}
+    assert {"base_model.head.weight", "aurora_adapters.default.factors.U", "aurora_adapters.default.factors.V"} <= trainable
     assert not any(p.requires_grad for n, p in model.base_model.named_parameters() if not n.startswith("head."))
 
 

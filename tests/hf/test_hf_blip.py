@@ -133,9 +133,9 @@ def test_a_training_step_moves_only_adapter_and_head_parameters(retrieval, retri
     optimizer.step()
     moved = {n for n, p in aurora.named_parameters() if not torch.equal(p, before[n])}
     heads = ("base_model.itm_head.", "base_model.vision_proj.", "base_model.text_proj.")
-    assert trainable == {n for n in before if n.startswith(("aurora_factors.", "aurora_fusion.", *heads))}
+    assert trainable == {n for n in before if n.startswith(("aurora_adapters.default.factors.", "aurora_adapters.default.fusion.", *heads))}
     assert moved <= trainable
-    assert any(n.startswith("aurora_factors.") for n in moved) and any(n.startswith("aurora_fusion.") for n in moved)
+    assert any(n.startswith("aurora_adapters.default.factors.") for n in moved) and any(n.startswith("aurora_adapters.default.fusion.") for n in moved)
     assert any(n.startswith(heads) for n in moved)
 
 

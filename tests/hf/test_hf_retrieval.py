@@ -146,8 +146,8 @@ def test_gradients_reach_every_factor_fusion_parameter_head_and_the_temperature(
     criterion = BlipRetrievalLoss(aurora, generator=torch.Generator().manual_seed(0)).train()
     criterion(**batch).loss.backward()
     trainable = {n: p for n, p in criterion.named_parameters() if p.requires_grad}
-    assert any(n.startswith("model.aurora_factors.") for n in trainable)
-    assert any(n.startswith("model.aurora_fusion.") for n in trainable)
+    assert any(n.startswith("model.aurora_adapters.default.factors.") for n in trainable)
+    assert any(n.startswith("model.aurora_adapters.default.fusion.") for n in trainable)
     for name, parameter in trainable.items():
         assert parameter.grad is not None and parameter.grad.abs().sum() > 0, name
     assert (aurora.aurora_factors.P.grad.abs().sum(1) > 0).all()  # every slice, vision and text, has its own

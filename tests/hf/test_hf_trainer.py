@@ -1,7 +1,8 @@
-"""`transformers.Trainer` trains an Aurora-wrapped transformers model: it sees the base model's forward
-signature and config. (Its checkpoints are not adapter-only yet: Trainer writes the full state dict of any
-model that is neither a `PreTrainedModel` nor a `PeftModel`, so these runs save with `save_strategy="no"`
-and `AuroraModel.save_pretrained` writes the adapter.)"""
+"""`transformers.Trainer` with default arguments trains an Aurora-wrapped transformers model: it sees the base
+model's forward signature and config, its checkpoints hold the adapter only (Trainer saves `state_dict()` of a
+model that is not a `PreTrainedModel`, and an AuroraModel's state dict is its adapters and trainable heads),
+and resuming from one continues the same run. Gradient checkpointing through `gradient_checkpointing=True`
+gives the gradients of the plain run."""
 
 from __future__ import annotations
 
@@ -15,6 +16,9 @@ from aurora_pet import AuroraConfig, get_aurora_model
 from aurora_pet.families.hf.build import build_blip
 
 from .conftest import ANSWERS, QUESTIONS, pixels
+from .test_mixed_widths import tiny_llama
+
+LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 def test_the_wrapper_shows_the_base_models_forward_signature():
@@ -58,15 +62,110 @@ def test_three_trainer_steps_move_only_the_adapter(tmp_path, tokenizer):
     result = Trainer(model=aurora, args=args, train_dataset=VQADataset(tokenizer), data_collator=collate).train()
     assert result.global_step == 3 and torch.isfinite(torch.tensor(result.training_loss))
     moved = [n for n, p in aurora.named_parameters() if p.requires_grad and not torch.equal(p, before[n])]
-    assert any(n.startswith("aurora_factors.") for n in moved) and any(n.startswith("aurora_fusion.") for n in moved)
+    assert any(n.startswith("aurora_adapters.default.factors.") for n in moved) and any(n.startswith("aurora_adapters.default.fusion.") for n in moved)
     assert all(torch.equal(p, frozen[n]) for n, p in aurora.named_parameters() if not p.requires_grad)
 
 
 def test_transformers_peft_hooks_of_the_base_model_are_not_passed_through():
     aurora = get_aurora_model(build_blip("vqa", "tiny"), AuroraConfig(rank=4))
     assert hasattr(aurora.base_model, "add_adapter")  # transformers' PeftAdapterMixin
-    for name in ("add_adapter", "set_adapter", "disable_adapters", "active_adapters"):
-        with pytest.raises(AttributeError, match=f"AuroraModel has no {name}.*named adapters are not supported"):
+    for name in ("disable_adapters", "enable_adapters", "get_adapter_state_dict"):
+        with pytest.raises(AttributeError, match=f"AuroraModel has no {name}.*transformers' PEFT integration"):
             getattr(aurora, name)
+    for name in ("add_adapter", "set_adapter", "delete_adapter", "load_adapter"):  # Aurora's own named adapters
+        assert getattr(aurora, name).__self__ is aurora
+    assert aurora.active_adapters == ["default"]
     assert not hasattr(aurora, "enable_adapters")
     assert aurora.generate is not None and aurora.config is aurora.base_model.config  # the rest passes through
+
+
+class TokenDataset(torch.utils.data.Dataset):
+    """Causal-LM rows (input_ids, labels) for the tiny Llama."""
+
+    def __init__(self, size: int = 12) -> None:
+        ids = torch.randint(0, 128, (size, 8), generator=torch.Generator().manual_seed(3))
+        self.rows = [{"input_ids": row, "labels": row} for row in ids]
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return self.rows[index]
+
+
+def llama_aurora():
+    return get_aurora_model(tiny_llama().train(), AuroraConfig(rank=4, target_modules=LLAMA_TARGETS))
+
+
+def vqa_aurora():
+    torch.manual_seed(0)
+    return get_aurora_model(build_blip("vqa", "tiny"), AuroraConfig.from_preset("cross-attention", rank=4))
+
+
+CASES = {"llama": (llama_aurora, lambda tokenizer: TokenDataset()),
+         "blip_vqa": (vqa_aurora, lambda tokenizer: VQADataset(tokenizer, size=12))}
+
+
+def run_trainer(model, dataset, out, max_steps=3, resume=None, **overrides):
+    """Trainer with its defaults but for a few steps, a checkpoint at every step, CPU and no reporting."""
+    from transformers import Trainer, TrainingArguments
+
+    args = TrainingArguments(output_dir=str(out), max_steps=max_steps, save_steps=1, per_device_train_batch_size=4,
+                             learning_rate=1e-2, use_cpu=True, report_to="none", **overrides)
+    return Trainer(model=model, args=args, train_dataset=dataset).train(resume_from_checkpoint=resume)
+
+
+def trained(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_trainer_checkpoints_hold_the_adapter_and_resume_the_same_run(case, tmp_path, tokenizer):
+    """Default Trainer arguments (its own collator drops the unused column): adapter parameters move, each
+    checkpoint holds the adapter and trainable heads only, and a run resumed from the first checkpoint ends
+    where the uninterrupted run ends."""
+    from safetensors.torch import load_file
+
+    build, data = CASES[case]
+    model = build()
+    before = trained(model)
+    result = run_trainer(model, data(tokenizer), tmp_path / "full")
+    assert result.global_step == 3
+    after = trained(model)
+    assert any(not torch.equal(after[n], before[n]) for n in after if n.startswith("aurora_adapters.default.factors."))
+
+    checkpoint = tmp_path / "full" / "checkpoint-1"
+    saved = load_file(checkpoint / "model.safetensors")
+    assert set(saved) == set(model.state_dict()) == set(after)  # the adapter and its heads, nothing frozen
+    base_size = sum(p.numel() for p in model.base_model.parameters())
+    assert sum(t.numel() for t in saved.values()) < base_size / 5
+
+    resumed_model = build()
+    result = run_trainer(resumed_model, data(tokenizer), tmp_path / "resumed", resume=str(checkpoint))
+    assert result.global_step == 3
+    for name, value in trained(resumed_model).items():
+        torch.testing.assert_close(value, after[name], rtol=0, atol=0, msg=name)
+
+
+def test_gradient_checkpointing_gives_the_gradients_of_the_plain_run():
+    batch = TokenDataset().rows[0]
+    batch = {k: v[None] for k, v in batch.items()}
+
+    def gradients(checkpointing: dict | None) -> dict[str, torch.Tensor]:
+        model = llama_aurora()
+        with torch.no_grad():
+            for p in model.aurora_factors.parameters():
+                p.add_(0.1 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+        if checkpointing is not None:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing)
+            assert model.base_model.is_gradient_checkpointing
+        model.train()
+        model.aurora_dropout.p = 0.0
+        model(**batch).loss.backward()
+        return {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+    plain = gradients(None)
+    assert all(g is not None and g.abs().sum() > 0 for g in plain.values())
+    for kwargs in ({}, {"use_reentrant": True}):  # non-reentrant by default; reentrant with input grads
+        for name, grad in gradients(kwargs).items():
+            torch.testing.assert_close(grad, plain[name], rtol=1e-5, atol=1e-6, msg=name)

@@ -57,7 +57,7 @@ def trainable(aurora: AuroraModel) -> dict[str, nn.Parameter]:
 
 def expected_trainable(aurora: AuroraModel, arch: str) -> set[str]:
     heads = tuple(f"base_model.{head}." for head in HEADS[arch])
-    return {n for n, _ in aurora.named_parameters() if n.startswith(("aurora_factors.", "aurora_fusion.") + heads)}
+    return {n for n, _ in aurora.named_parameters() if n.startswith(("aurora_adapters.default.factors.", "aurora_adapters.default.fusion.") + heads)}
 
 
 # --- training through LAVIS's own forward -------------------------------------------------------------

@@ -73,8 +73,7 @@ class HFFamily(Family):
         the (short) prefix and gives the same tokens as a full forward pass. An explicit
         `generate(use_cache=True)` is honoured the same way (same tokens, recomputed prefix)."""
         decoder = getattr(model, "text_decoder", None)
-        if not (aurora.aurora_config.ice and decoder is not None
-                and any(site.startswith(_DECODER_PREFIX) for site in aurora.fusion_sites)):
+        if decoder is None or not any(site.startswith(_DECODER_PREFIX) for site in aurora.ice_sites()):
             return []
         undo = [set_attribute(decoder.config, "use_cache", False)]
         if getattr(decoder, "generation_config", None) is not None:

@@ -66,7 +66,7 @@ class LavisFamily(Family):
         - LAVIS's ViT activation checkpointing (fairscale) becomes PyTorch's non-reentrant form
           (see `checkpoint_without_reentry`)."""
         undo: list[Undo] = []
-        if aurora.momentum_layers and hasattr(model, "_momentum_update"):
+        if any(a.momentum_layers for a in aurora.aurora_adapters.values()) and hasattr(model, "_momentum_update"):
             lavis_update = model._momentum_update
 
             def momentum_update() -> None:
@@ -75,7 +75,7 @@ class LavisFamily(Family):
 
             undo.append(set_attribute(model, "_momentum_update", momentum_update))
         decoder = getattr(model, "text_decoder", None)
-        if aurora.aurora_config.ice and decoder is not None:
+        if aurora.ice_sites() and decoder is not None:
             undo.append(set_attribute(decoder.config, "use_cache", False))
             if getattr(decoder, "generation_config", None) is not None:
                 undo.append(set_attribute(decoder.generation_config, "use_cache", False))
