@@ -15,6 +15,7 @@ from .errors import AuroraConfigError
 
 CORES = ("cp", "tucker")
 FORWARD_MODES = ("auto", "factored", "materialised")
+DROPOUT_POSITIONS = ("input", "rank")
 
 
 @dataclass
@@ -28,7 +29,10 @@ class AuroraConfig:
                      preset (by the model's class, and `config.model_type` for transformers models).
     core:            "cp" (diag(λ), the method) or "tucker" (a dense R×R×R core, for comparison).
     scale:           s, the fixed multiplier of every update.
-    dropout:         dropout on the adapter branch's input.
+    dropout:         dropout probability of the adapter branch.
+    dropout_position: "input" drops entries of x before x·V (LoRA's place, each target its own mask);
+                     "rank" drops entries of z = x·V (R wide instead of d: fewer random numbers, and
+                     targets that read the same x share z). See docs/method.md, "Dropout".
     ice, gqt:        Informative Context Enhancement / Gated Query Transformation at each fusion site.
     fusion_modules:  regex of the cross-attention modules that host ICE/GQT; None: the preset's sites
                      (the family's default preset's when the targets are a regex).
@@ -44,6 +48,7 @@ class AuroraConfig:
     core: str = "cp"
     scale: float = 1.0
     dropout: float = 0.1
+    dropout_position: str = "input"
     ice: bool = False
     gqt: bool = False
     fusion_modules: str | None = None
@@ -69,6 +74,8 @@ class AuroraConfig:
                f"scale must be a finite number, got {self.scale!r}")
         _check(_is_number(self.dropout) and 0.0 <= self.dropout < 1.0,
                f"dropout must be a number in [0, 1), got {self.dropout!r}")
+        _check(isinstance(self.dropout_position, str) and self.dropout_position in DROPOUT_POSITIONS,
+               f"dropout_position must be one of {DROPOUT_POSITIONS}, got {self.dropout_position!r}")
         for name in ("ice", "gqt"):
             _check(isinstance(getattr(self, name), bool), f"{name} must be true or false, got {getattr(self, name)!r}")
         _check(isinstance(self.forward_mode, str) and self.forward_mode in FORWARD_MODES,

@@ -3,7 +3,8 @@
 A weight W (d_out×d_in) is a grid of n_out×n_in blocks of size a×b; block (i, j) is slice
 m = first_slice + i·n_in + j (row-major). A side that is a multiple of d is cut into d-wide blocks (a fused
 qkv, 2304×768, is 3 slices; an MLP fc2, 768×3072, is 4); a side of another width w is one block of
-width w (its own width class, see `factors`). The update is y += s · dropout(x) · ΔWᵀ, added without
+width w (its own width class, see `factors`). The update is y += s · dropout(x) · ΔWᵀ (or, with
+`dropout_position="rank"`, s · dropout(x·V)·B: the mask on the rank-wide projection z, see `up_projection`), added without
 touching the module's parameters: the module keeps its class and its parameter names (LAVIS loads
 checkpoints by name, with strict=False, so a rename would silently drop pretrained weights). We only shadow
 its `forward` with an instance attribute, which `remove()` deletes again.
@@ -75,12 +76,18 @@ class AuroraLinear:
         # dropout follows the adapted module's own mode, so base_model.eval() also turns it off
         p = self.adapter.dropout.p
         dropout_active = module.training and p > 0
+        on_rank = self.adapter.config.dropout_position == "rank"
 
-        def dropout(t: torch.Tensor) -> torch.Tensor:
-            return F.dropout(t, p, training=dropout_active)
+        def input_dropout(t: torch.Tensor) -> torch.Tensor:
+            return F.dropout(t, p, training=dropout_active and not on_rank)
+
+        def rank_dropout(z: torch.Tensor) -> torch.Tensor:
+            return F.dropout(z, p, training=dropout_active and on_rank)
 
         if not self._plain_linear:
-            return type(module).forward(module, x) + self.factored_delta(dropout(x))
+            inputs = input_dropout(x).reshape(-1, module.in_features)
+            delta = rank_dropout(self.input_projection(inputs)) @ self.up_projection(x.dtype)
+            return type(module).forward(module, x) + delta.reshape(*x.shape[:-1], module.out_features)
         if not dropout_active and self._prefers_materialised(x):
             return F.linear(x, self.adapted_weight(), module.bias)
         # base and update in one output buffer: x·Wᵀ + b, then z·B accumulated into it in place
@@ -88,7 +95,10 @@ class AuroraLinear:
         inputs = x.reshape(-1, module.in_features)
         weight = module.weight
         out = inputs @ weight.T if module.bias is None else torch.addmm(module.bias, inputs, weight.T)
-        z = self.input_projection(dropout(inputs)) if dropout_active else self.shared_input_projection(x, inputs)
+        if dropout_active and not on_rank:  # each target its own mask on x: nothing to share
+            z = self.input_projection(input_dropout(inputs))
+        else:  # z = x·V shared by the targets reading x; a rank-wide mask per target on it
+            z = rank_dropout(self.shared_input_projection(x, inputs))
         out.addmm_(z, self.up_projection(out.dtype))
         return out.view(*x.shape[:-1], module.out_features)
 
@@ -143,12 +153,6 @@ class AuroraLinear:
                 self.n_in * rank, self.module.out_features)
         scale = self.scale
         return (up if scale == 1 else scale * up).to(dtype)
-
-    def factored_delta(self, x: torch.Tensor) -> torch.Tensor:
-        """s·x·ΔWᵀ as two thin matmuls: z = x_j·V once per input block (shared by all output blocks),
-        then z·B with B[(j, r), (i, a)] = s·L_ij[a, r]."""
-        delta = self.input_projection(x) @ self.up_projection(x.dtype)
-        return delta.reshape(*x.shape[:-1], self.module.out_features)
 
     def _prefers_materialised(self, x: torch.Tensor) -> bool:
         """Multiply-add counts of the two ways to apply the update to this input.

@@ -327,3 +327,24 @@ def test_merge_in_grad_mode_leaves_the_weights_frozen_leaves():
     for layer in model.layers.values():
         assert layer.module.weight.is_leaf and not layer.module.weight.requires_grad
     model.unload().requires_grad_(False)  # what failed: "can only change requires_grad flags of leaf variables"
+
+
+def test_rank_dropout_masks_the_projection_z():
+    """dropout_position="rank": y = x·Wᵀ + b + (m ⊙ z / (1 − p))·B with z = x·V and m ~ Bernoulli(1 − p) of z's
+    shape, one mask per target; the input x itself is not masked."""
+    torch.manual_seed(0)
+    base = torch.nn.Sequential(torch.nn.Linear(16, 16))
+    model = get_aurora_model(base, AuroraConfig(rank=4, target_modules=["0"], dropout=0.5, dropout_position="rank"))
+    perturb(model)
+    layer = model.layers["0"]
+    x = torch.randn(3, 5, 16)
+    model.train()
+    torch.manual_seed(1)
+    output = model(x)
+    torch.manual_seed(1)
+    z = torch.nn.functional.dropout(layer.input_projection(x.reshape(-1, 16)), 0.5, training=True)
+    expected = torch.nn.functional.linear(x, base[0].weight, base[0].bias) + (z @ layer.up_projection(x.dtype)).view(3, 5, 16)
+    torch.testing.assert_close(output, expected, rtol=1e-6, atol=1e-6)
+    assert not torch.allclose(output, model.eval()(x))
+    with pytest.raises(AuroraConfigError, match="dropout_position must be one of \\('input', 'rank'\\), got 'z'"):
+        AuroraConfig(dropout_position="z")

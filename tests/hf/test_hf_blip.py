@@ -314,6 +314,38 @@ def test_shared_input_projection_equals_the_per_target_computation(retrieval_inp
     assert (plain_calls, shared_calls) == (8, 5)  # 2 layers × q, k, v, o; the image features projected once
 
 
+def test_rank_dropout_shares_the_projection_and_equals_the_per_target_computation(retrieval_inputs):
+    """With `dropout_position="rank"` the mask falls on z = x·V, after the shared projection: sharing changes
+    nothing (the same masks are drawn in the same order), and the image features are still projected once."""
+    batch, images = retrieval_inputs
+    results = []
+    for share in (True, False):
+        aurora = get_aurora_model(build_blip("retrieval", "tiny"), AuroraConfig.from_preset(
+            "cross-attention", rank=4, dropout=0.5, dropout_position="rank"))
+        perturb(aurora)
+        aurora.share_input_projections = share
+        calls = []
+        for layer in aurora.layers.values():
+            original = layer.input_projection
+            layer.input_projection = lambda inputs, original=original: calls.append(1) or original(inputs)
+        aurora.train()
+        torch.manual_seed(0)
+        score = itm(aurora, batch, images)
+        score.logsumexp(-1).sum().backward()
+        results.append((score.detach(), {n: p.grad.clone() for n, p in aurora.named_parameters()
+                                         if p.grad is not None}, len(calls)))
+        aurora.eval()
+        torch.manual_seed(1)
+        evaluated = itm(aurora, batch, images)
+        aurora.aurora_dropout.p = 0.0
+        torch.testing.assert_close(itm(aurora, batch, images), evaluated, rtol=0, atol=0)  # off in eval
+    (shared, shared_grads, shared_calls), (plain, plain_grads, plain_calls) = results
+    torch.testing.assert_close(shared, plain, rtol=1e-6, atol=1e-6)
+    for name, grad in shared_grads.items():
+        torch.testing.assert_close(grad, plain_grads[name], rtol=1e-5, atol=1e-6, msg=name)
+    assert (plain_calls, shared_calls) == (8, 5)
+
+
 @pytest.mark.slow
 def test_blip_base_inference_exports_meet_the_size_budget(tmp_path):
     """The default retrieval adapter (cross-attention R=64, ICE/GQT, heads) stored in fp16 fits 1.3 MB, and
