@@ -169,3 +169,26 @@ def test_gradient_checkpointing_gives_the_gradients_of_the_plain_run():
     for kwargs in ({}, {"use_reentrant": True}):  # non-reentrant by default; reentrant with input grads
         for name, grad in gradients(kwargs).items():
             torch.testing.assert_close(grad, plain[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_trainer_on_the_peft_route_writes_adapter_files_and_resumes(tmp_path):
+    """Through PEFT (`get_peft_model` with `AuroraPeftConfig`) Trainer saves with PEFT's `save_pretrained`:
+    each checkpoint holds adapter_config.json + adapter_model.safetensors, no model weights, and resumes."""
+    peft = pytest.importorskip("peft")
+    import aurora_pet
+
+    def build():
+        return peft.get_peft_model(tiny_llama().train(), aurora_pet.AuroraPeftConfig(rank=4,
+                                                                                    target_modules=LLAMA_TARGETS))
+
+    model = build()
+    run_trainer(model, TokenDataset(), tmp_path / "full")
+    after = trained(model)
+    checkpoint = tmp_path / "full" / "checkpoint-1"
+    names = {p.name for p in checkpoint.iterdir()}
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= names
+    assert not names & {"model.safetensors", "pytorch_model.bin"}
+    resumed = build()
+    run_trainer(resumed, TokenDataset(), tmp_path / "resumed", resume=str(checkpoint))
+    for name, value in trained(resumed).items():
+        torch.testing.assert_close(value, after[name], rtol=0, atol=0, msg=name)
