@@ -28,14 +28,22 @@ from . import cost
 LLAMA_TARGETS = r".*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 
 
-def methods(rank: int = 64, lora_rank: int = 8) -> list[H.Method]:
-    return [
+def methods(rank: int = 64, lora_rank: int = 8, slice_size: int | None = None) -> list[H.Method]:
+    """The floor, LoRA and Aurora with dropout 0.1 (on x, and on z = x·V) and 0; with `slice_size`, Aurora at
+    that d as well (on the Llama-shaped model d = 768 instead of the inferred 256: fewer slices per target)."""
+    rows = [
         H.Method("frozen (floor)", "frozen"),
         H.Method(f"lora r={lora_rank} (peft), dropout 0.1", "lora", {"rank": lora_rank, "dropout": 0.1}),
         H.Method(f"aurora cp R={rank}, dropout 0.1", "aurora", {"rank": rank, "dropout": 0.1}),
+        H.Method(f"aurora cp R={rank}, dropout 0.1 on z", "aurora",
+                 {"rank": rank, "dropout": 0.1, "dropout_position": "rank"}),
         H.Method(f"lora r={lora_rank} (peft), dropout 0", "lora", {"rank": lora_rank, "dropout": 0.0}),
         H.Method(f"aurora cp R={rank}, dropout 0", "aurora", {"rank": rank, "dropout": 0.0}),
     ]
+    if slice_size is not None:
+        rows.append(H.Method(f"aurora cp R={rank} d={slice_size}, dropout 0", "aurora",
+                             {"rank": rank, "dropout": 0.0, "slice_size": slice_size}))
+    return rows
 
 
 def install(targets: str | None) -> Callable[[torch.nn.Module, H.Method], H.Active]:
@@ -47,7 +55,8 @@ def install(targets: str | None) -> Callable[[torch.nn.Module, H.Method], H.Acti
         model.requires_grad_(False)
         options = dict(method.options)
         config = AuroraConfig(rank=options.get("rank", 8), target_modules=targets, dropout=options.get("dropout", 0.0),
-                              modules_to_save=[])
+                              dropout_position=options.get("dropout_position", "input"),
+                              slice_size=options.get("slice_size"), modules_to_save=[])
         if method.kind == "aurora":
             aurora = get_aurora_model(model, config)
             return H.Active(method, aurora, [p for p in aurora.parameters() if p.requires_grad],
@@ -139,17 +148,18 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     rounds, steps = (1, 1) if args.quick else (args.rounds, args.steps)
     rank = 4 if args.quick else 64
     image = 32 if args.quick else 224
-    workloads = {
+    workloads = {  # model, targets, step, the methods
         "hf_blip_retrieval": (lambda: build_blip("retrieval", size, vision_image_size=image), None,
-                              blip_step(2, image, 300 if args.quick else 30000)),
-        "llama": (lambda: llama(size), LLAMA_TARGETS, llama_step(2, 128, 128 if args.quick else 32000)),
+                              blip_step(2, image, 300 if args.quick else 30000), methods(rank)),
+        "llama": (lambda: llama(size), LLAMA_TARGETS, llama_step(2, 128, 128 if args.quick else 32000),
+                  methods(rank, slice_size=64 if args.quick else 768)),
     }
     results: dict[str, Any] = {"machine": H.machine(), "rounds": rounds, "steps": steps, "models": {}}
-    for name, (build, targets, step) in workloads.items():
+    for name, (build, targets, step, rows) in workloads.items():
         print(f"{name} ({size})")
         model = build()
-        result = cost.bench_training(model, step, methods(rank), rounds, steps, install=install(targets))
-        lora = [m.name for m in methods(rank) if m.kind == "lora"]
+        result = cost.bench_training(model, step, rows, rounds, steps, install=install(targets))
+        lora = [m.name for m in rows if m.kind == "lora"]
         result["vs_lora_dropout_0.1"] = cost._ratios(result["cpu"], lora[0])
         result["vs_lora_dropout_0"] = cost._ratios(result["cpu"], lora[1])
         result["vs_floor"] = cost._ratios(result["cpu"], "frozen (floor)")
