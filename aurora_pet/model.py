@@ -665,7 +665,7 @@ def _forward_with_signature_of(model: nn.Module, aurora: "AuroraModel") -> Any:
 def get_aurora_model(model: nn.Module, config: AuroraConfig, **kwargs: Any) -> AuroraModel:
     """Wrap `model`: freeze it, inject the shared factors (and ICE/GQT), train heads in `modules_to_save`.
 
-    Keyword arguments go to `AuroraModel` (`momentum_pairs`, `momentum`)."""
+    Keyword arguments go to `AuroraModel` (`momentum_pairs`, `momentum`, `adapter_name`: "default")."""
     return AuroraModel(model, config, **kwargs)
 
 

@@ -1,10 +1,13 @@
-"""Checks of a recipe's data before anything trains, and recipes generated for local/generated data.
+"""The one reader of the recipes' annotation formats, its checks before anything trains, and recipes
+generated for local/generated data.
 
 LAVIS reads annotation files with a bare ``json.load`` (an error names neither file nor entry) and
 finds a missing or damaged image or a malformed entry only when a batch first reaches it, possibly hours
-into a run (or, in the evaluation, after the epoch's training). ``check_datasets`` reads every annotation
+into a run (or, in the evaluation, after the epoch's training). ``read_datasets`` reads every annotation
 file and opens every image up front and names the file, the line and the missing key or image instead;
-``check_split_sizes`` compares the splits with the batch size and ``k_test``.
+``check_split_sizes`` compares the splits with the batch size and ``k_test``. Both families read their
+data through it: LAVIS's recipes check it (``check_datasets``, then LAVIS's own datasets load it), the
+transformers family's datasets (``hf_data``) index the entries it returns.
 """
 
 from __future__ import annotations
@@ -54,45 +57,80 @@ class SplitSize:
     texts: int  # captions (retrieval eval: every caption of every image)
 
 
-def check_datasets(datasets: Mapping[str, Any], cache_root: str | Path, *,
-                   progress: bool = False) -> dict[str, dict[str, SplitSize]]:
-    """Every annotation file parses, every entry has the keys its dataset reads, every image exists and
-    opens (``check_images``); returns each split's size (``check_split_sizes``).
+@dataclass(frozen=True)
+class SplitData:
+    """One split of one dataset, read and checked: what the datasets of both families index.
+
+    ``files`` are the split's annotation files in the recipe's order. A VQA evaluation split lists them as
+    LAVIS's ``COCOVQAEvalDataset`` reads them, by position: the entries, the answer list, and (where the split
+    is scored) the official question and annotation files; ``entries`` are the first file's."""
+
+    builder: str
+    split: str
+    files: tuple[Path, ...]
+    entries: list[dict[str, Any]]
+    images: Path  # the root that each entry's "image" is relative to
+
+    @property
+    def size(self) -> SplitSize:
+        captions = [entry["caption"] for entry in self.entries if "caption" in entry]
+        return SplitSize(file=self.files[0], entries=len(self.entries),
+                         images=len({entry.get("image_id", entry["image"]) for entry in self.entries}),
+                         texts=sum(len(c) if isinstance(c, list) else 1 for c in captions))
+
+    @property
+    def answer_list(self) -> Path | None:
+        """VQA evaluation: the file of candidate answers that ranking chooses from."""
+        return self.files[1] if self.builder == "coco_vqa" and self.split != "train" and len(self.files) > 1 else None
+
+    @property
+    def official_files(self) -> tuple[Path, Path] | None:
+        """VQA evaluation: the official (questions, annotations) files that score the split, if it has them."""
+        scored = self.builder == "coco_vqa" and self.split != "train" and len(self.files) > 3
+        return (self.files[2], self.files[3]) if scored else None
+
+
+def read_datasets(datasets: Mapping[str, Any], cache_root: str | Path, *,
+                  progress: bool = False) -> dict[str, dict[str, SplitData]]:
+    """Every split of every dataset: each annotation file parses, every entry has the keys its dataset reads,
+    every image exists and opens (``check_images``). The one reader of the Flickr30k, COCO Karpathy and VQAv2
+    annotation formats: LAVIS's recipes check their data with it (``check_datasets``), the transformers
+    family's datasets index what it returns.
 
     ``datasets`` is the merged ``datasets`` section; relative paths resolve against ``cache_root``.
+    Builders other than those of ``ENTRY_SCHEMAS`` get only ``validate_datasets_config``.
     """
     from ..data.synthetic import validate_datasets_config
 
-    sizes: dict[str, dict[str, SplitSize]] = {}
+    read: dict[str, dict[str, SplitData]] = {}
     images: set[Path] = set()
     for name, cfg in datasets.items():
         schemas = ENTRY_SCHEMAS.get(name)
         if schemas is None:
-            continue  # other builders: only validate_datasets_config below
+            continue
         root = Path(cache_root, cfg["build_info"]["images"]["storage"])
         for split, ann in cfg["build_info"]["annotations"].items():
             storage = [ann["storage"]] if isinstance(ann["storage"], str) else list(ann["storage"])
-            files = [Path(cache_root, p) for p in storage]
+            files = tuple(Path(cache_root, p) for p in storage)
             schema = schemas[0] if split == "train" else schemas[1]
-            # VQA eval splits list [questions, answer list, official questions, official answers]:
-            # only the first holds entries (LAVIS's COCOVQAEvalDataset reads them by position).
-            files = files if split == "train" or name != "coco_vqa" else files[:1]
-            entries = [entry for path in files for entry in check_annotation_file(path, schema)]
-            sizes.setdefault(name, {})[split] = _split_size(files[0], entries)
+            # VQA eval splits: only the first file holds entries (see SplitData)
+            with_entries = files if split == "train" or name != "coco_vqa" else files[:1]
+            entries = [entry for path in with_entries for entry in check_annotation_file(path, schema)]
+            read.setdefault(name, {})[split] = SplitData(name, split, files, entries, root)
             images.update(root / entry["image"] for entry in entries)
     try:
         validate_datasets_config(datasets, cache_root)
     except (ValueError, FileNotFoundError) as error:
         raise DataError(str(error)) from None
     check_images(sorted(images), progress=progress)
-    return sizes
+    return read
 
 
-def _split_size(file: Path, entries: list[dict[str, Any]]) -> SplitSize:
-    captions = [entry["caption"] for entry in entries if "caption" in entry]
-    return SplitSize(file=file, entries=len(entries),
-                     images=len({entry.get("image_id", entry["image"]) for entry in entries}),
-                     texts=sum(len(c) if isinstance(c, list) else 1 for c in captions))
+def check_datasets(datasets: Mapping[str, Any], cache_root: str | Path, *,
+                   progress: bool = False) -> dict[str, dict[str, SplitSize]]:
+    """``read_datasets``, reduced to each split's size (for ``check_split_sizes``)."""
+    return {name: {split: data.size for split, data in splits.items()}
+            for name, splits in read_datasets(datasets, cache_root, progress=progress).items()}
 
 
 def check_split_sizes(sizes: Mapping[str, Mapping[str, SplitSize]], run_cfg: Mapping[str, Any],
@@ -121,9 +159,9 @@ def _training_problems(sizes: Mapping[str, Mapping[str, SplitSize]], run_cfg: Ma
     problems = []
     if train and entries < batch * world_size:
         problems.append(f"the training split has {entries} entries ({', '.join(str(s.file) for s in train)}), "
-                        f"fewer than one batch of run.batch_size_train={batch} x {world_size} process(es): LAVIS "
-                        "drops an incomplete batch, so an epoch would have no step; use more data or a smaller "
-                        "run.batch_size_train")
+                        f"fewer than one batch of run.batch_size_train={batch} x {world_size} process(es): the "
+                        "training loader drops an incomplete batch (as LAVIS's does), so an epoch would have no "
+                        "step; use more data or a smaller run.batch_size_train")
     if retrieval:
         problems += [f"{s.file}: the training split shows {s.images} image(s); BLIP's retrieval loss draws each "
                      "caption's hard negative from another image, so it needs at least two"

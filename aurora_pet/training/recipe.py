@@ -5,6 +5,10 @@ and dataset builders see (its defaults, merging and ``--options`` handling, unch
 every key the recipe or an option sets is checked against what LAVIS and aurora-pet actually read, so a
 typo (``init_lrr``, ``aurora.rnak``) stops the run with the closest valid name instead of being
 silently ignored, as LAVIS would.
+
+A top-level ``family:`` says which model family's runner trains the recipe (``recipe_family``): absent or
+``lavis`` for these LAVIS recipes, ``hf`` for transformers BLIP (``hf_recipe``, which reuses the readers and
+checks here).
 """
 
 from __future__ import annotations
@@ -25,6 +29,8 @@ from ..config import AuroraConfig
 from ..errors import AuroraConfigError
 
 SECTIONS = ("model", "datasets", "run", "aurora")
+FAMILY_KEY = "family"  # top level: which model family's runner trains the recipe (see recipe_family)
+FAMILIES = ("lavis", "hf")
 
 # Keys of `run:` read by LAVIS 1.0.2 (RunnerBase, the tasks, the LR schedulers, train.py) and by aurora-pet.
 RUN_KEYS = {
@@ -98,13 +104,10 @@ def split_options(options: Sequence[str] | None) -> list[str]:
     return [f"{k}={v}" for k, v in zip(options[0::2], options[1::2])]
 
 
-def load_recipe(cfg_path: str | Path, options: Sequence[str] | None = None) -> Recipe:
-    """Check the recipe's keys and values, then build LAVIS's ``Config`` from it."""
-    from .lavis_env import import_lavis_registry
-
-    registry = import_lavis_registry()
-    from lavis.common.config import Config
-
+def read_recipe(cfg_path: str | Path, options: Sequence[str] | None = None) -> tuple[Path, list[str], DictConfig,
+                                                                                  DictConfig]:
+    """The recipe file and the options, parsed (neither checked nor merged): (path, options as ``k=v`` items,
+    the file, the options). Both families' loaders start here."""
     path = Path(cfg_path)
     if not path.is_file():
         raise RecipeError(f"recipe not found: {path}")
@@ -114,6 +117,36 @@ def load_recipe(cfg_path: str | Path, options: Sequence[str] | None = None) -> R
         user = OmegaConf.from_dotlist(options)
     except OmegaConfBaseException as error:
         raise RecipeError(f"--options: cannot parse {options} ({error})") from None
+    return path, options, raw, user
+
+
+def recipe_family(cfg_path: str | Path, options: Sequence[str] | None = None) -> str:
+    """The model family a recipe is for: its top-level ``family:`` (an option may set it), ``"lavis"`` without
+    one (the recipes of LAVIS BLIP predate the key). ``aurora-pet train`` picks the family's runner by it."""
+    path, _, raw, user = read_recipe(cfg_path, options)
+    return parsed_family(path, raw, user)
+
+
+def parsed_family(path: Path, raw: DictConfig, user: DictConfig) -> str:
+    """``recipe_family`` of a recipe already read (``read_recipe``)."""
+    family = user.get(FAMILY_KEY, raw.get(FAMILY_KEY, "lavis"))
+    if family not in FAMILIES:
+        raise RecipeError(f"{path}: " + unknown_name(FAMILY_KEY, family, FAMILIES, what="model family"))
+    return str(family)
+
+
+def load_recipe(cfg_path: str | Path, options: Sequence[str] | None = None) -> Recipe:
+    """Check the recipe's keys and values, then build LAVIS's ``Config`` from it."""
+    from .lavis_env import import_lavis_registry
+
+    registry = import_lavis_registry()
+    from lavis.common.config import Config
+
+    path, options, raw, user = read_recipe(cfg_path, options)
+    family = parsed_family(path, raw, user)
+    if family != "lavis":
+        raise RecipeError(f"{path} is a recipe of the {family!r} family, not LAVIS's; run it with `aurora-pet train` "
+                          "(or aurora_pet.training.hf_train.train)")
     check_keys(raw, str(path), registry)
     check_keys(user, "--options", registry)
     merged = OmegaConf.merge(raw, user)
@@ -129,17 +162,12 @@ def load_recipe(cfg_path: str | Path, options: Sequence[str] | None = None) -> R
             raise RecipeError(f"{path}: run.{key} is required")
     check_run_values(merged.run, str(path))
     if registry.get_task_class(merged.run.task) is None:
-        raise RecipeError(_unknown("run.task", merged.run.task, registry.mapping["task_name_mapping"]))
+        raise RecipeError(unknown_name("run.task", merged.run.task, registry.mapping["task_name_mapping"]))
     lr_sched = merged.run.get("lr_sched", "linear_warmup_cosine_lr")
     if registry.get_lr_scheduler_class(lr_sched) is None:
-        raise RecipeError(_unknown("run.lr_sched", lr_sched, registry.mapping["lr_scheduler_name_mapping"]))
+        raise RecipeError(unknown_name("run.lr_sched", lr_sched, registry.mapping["lr_scheduler_name_mapping"]))
 
-    aurora_section = merged.get("aurora")
-    aurora, adapter = None, None
-    if aurora_section is not None:
-        fields = OmegaConf.to_container(aurora_section, resolve=True)
-        adapter = fields.pop("adapter", None)
-        aurora = aurora_config(fields, arch)
+    aurora, adapter = aurora_section(merged, arch)
 
     cfg = Config(SimpleNamespace(cfg_path=str(path), options=options))
     OmegaConf.set_struct(cfg.config, False)
@@ -196,6 +224,17 @@ def _number(value: Any) -> float | None:
         return None
 
 
+def aurora_section(merged: DictConfig, arch: str) -> tuple[AuroraConfig | None, str | None]:
+    """The merged recipe's adapter settings and the adapter directory to load (``aurora.adapter``); (None, None)
+    without an ``aurora:`` section (full fine-tuning)."""
+    section = merged.get("aurora")
+    if section is None:
+        return None, None
+    fields = OmegaConf.to_container(section, resolve=True)
+    adapter = fields.pop("adapter", None)
+    return aurora_config(fields, arch), adapter
+
+
 def aurora_config(fields: Mapping[str, Any], arch: str) -> AuroraConfig:
     """The ``aurora:`` section as an ``AuroraConfig``: ``preset`` names a preset of ``arch``."""
     fields = dict(fields)
@@ -215,57 +254,70 @@ def _known_aurora_fields(fields: dict[str, Any]) -> dict[str, Any]:
     known = {f.name for f in dataclasses.fields(AuroraConfig)}
     unknown = sorted(set(fields) - known)
     if unknown:
-        raise RecipeError("; ".join(_unknown_key(f"aurora.{k}", k, known | AURORA_EXTRA_KEYS) for k in unknown))
+        raise RecipeError("; ".join(unknown_key(f"aurora.{k}", k, known | AURORA_EXTRA_KEYS) for k in unknown))
     return fields
 
 
 def check_keys(node: DictConfig, source: str, registry) -> None:
     """Every key `node` sets must be one LAVIS or aurora-pet reads; the error names the closest one."""
-    import dataclasses
-
     problems = []
     for section in node:
-        if section not in SECTIONS:
-            problems.append(_unknown_key(str(section), section, SECTIONS))
+        if section not in (*SECTIONS, FAMILY_KEY):
+            problems.append(unknown_key(str(section), section, SECTIONS))
     run = node.get("run")
     if isinstance(run, DictConfig):
-        problems += [_unknown_key(f"run.{k}", k, RUN_KEYS) for k in run if k not in RUN_KEYS]
-    aurora = node.get("aurora")
-    if "aurora" in node and (aurora is None or isinstance(aurora, DictConfig) and not aurora):
-        problems.append("the aurora: section is empty; give the adapter settings (e.g. preset: cross-attention, "
-                        "rank: 64) or leave the section out for full fine-tuning")
-    elif isinstance(aurora, DictConfig):
-        known = {f.name for f in dataclasses.fields(AuroraConfig)} | AURORA_EXTRA_KEYS
-        problems += [_unknown_key(f"aurora.{k}", k, known) for k in aurora if k not in known]
-    elif aurora is not None:
-        problems.append(f"aurora: expected a mapping of adapter settings, got {aurora!r}")
+        problems += [unknown_key(f"run.{k}", k, RUN_KEYS) for k in run if k not in RUN_KEYS]
+    problems += aurora_key_problems(node)
     datasets = node.get("datasets")
     if isinstance(datasets, DictConfig):
-        builders = registry.mapping["builder_name_mapping"]
-        for name, ds in datasets.items():
-            if name not in builders:
-                problems.append(_unknown(f"datasets.{name}", name, builders, what="dataset builder"))
-                continue
-            if not isinstance(ds, DictConfig):
-                continue
-            problems += [_unknown_key(f"datasets.{name}.{k}", k, DATASET_KEYS) for k in ds if k not in DATASET_KEYS]
-            info = ds.get("build_info")
-            if isinstance(info, DictConfig):
-                problems += [_unknown_key(f"datasets.{name}.build_info.{k}", k, BUILD_INFO_KEYS)
-                             for k in info if k not in BUILD_INFO_KEYS]
-                anns = info.get("annotations")
-                if isinstance(anns, DictConfig):
-                    for split, ann in anns.items():
-                        if isinstance(ann, DictConfig):
-                            problems += [_unknown_key(f"datasets.{name}.build_info.annotations.{split}.{k}",
-                                                      k, SPLIT_KEYS) for k in ann if k not in SPLIT_KEYS]
+        problems += dataset_key_problems(datasets, registry.mapping["builder_name_mapping"])
     if problems:
         raise RecipeError(f"{source}: " + "; ".join(problems))
 
 
+def aurora_key_problems(node: DictConfig) -> list[str]:
+    """An ``aurora:`` section that is empty (it would silently train every weight), not a mapping, or sets a key
+    ``AuroraConfig`` does not have."""
+    import dataclasses
+
+    aurora = node.get("aurora")
+    if "aurora" in node and (aurora is None or isinstance(aurora, DictConfig) and not aurora):
+        return ["the aurora: section is empty; give the adapter settings (e.g. preset: cross-attention, "
+                "rank: 64) or leave the section out for full fine-tuning"]
+    if isinstance(aurora, DictConfig):
+        known = {f.name for f in dataclasses.fields(AuroraConfig)} | AURORA_EXTRA_KEYS
+        return [unknown_key(f"aurora.{k}", k, known) for k in aurora if k not in known]
+    if aurora is not None:
+        return [f"aurora: expected a mapping of adapter settings, got {aurora!r}"]
+    return []
+
+
+def dataset_key_problems(datasets: DictConfig, builders: Iterable[str]) -> list[str]:
+    """A ``datasets:`` section's unknown builders and keys, each with the closest valid name."""
+    problems = []
+    for name, ds in datasets.items():
+        if name not in builders:
+            problems.append(unknown_name(f"datasets.{name}", name, builders, what="dataset builder"))
+            continue
+        if not isinstance(ds, DictConfig):
+            continue
+        problems += [unknown_key(f"datasets.{name}.{k}", k, DATASET_KEYS) for k in ds if k not in DATASET_KEYS]
+        info = ds.get("build_info")
+        if isinstance(info, DictConfig):
+            problems += [unknown_key(f"datasets.{name}.build_info.{k}", k, BUILD_INFO_KEYS)
+                         for k in info if k not in BUILD_INFO_KEYS]
+            anns = info.get("annotations")
+            if isinstance(anns, DictConfig):
+                for split, ann in anns.items():
+                    if isinstance(ann, DictConfig):
+                        problems += [unknown_key(f"datasets.{name}.build_info.annotations.{split}.{k}", k,
+                                                 SPLIT_KEYS) for k in ann if k not in SPLIT_KEYS]
+    return problems
+
+
 def check_model_keys(model: DictConfig, arch: str) -> None:
     known = MODEL_KEYS | build_settings(arch)
-    problems = [_unknown_key(f"model.{k}", k, known) for k in model if k not in known]
+    problems = [unknown_key(f"model.{k}", k, known) for k in model if k not in known]
     if problems:
         raise RecipeError("; ".join(problems))
     if model.get("vit_type", "base") != "base":
@@ -286,12 +338,14 @@ def build_settings(arch: str) -> set[str]:
     return keys
 
 
-def _unknown_key(label: str, key: Any, known: Iterable[str]) -> str:
+def unknown_key(label: str, key: Any, known: Iterable[str]) -> str:
+    """``unknown key 'run.init_lrr' (did you mean 'init_lr'?)``."""
     close = difflib.get_close_matches(str(key), sorted(known), 1)
     return f"unknown key {label!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
 
 
-def _unknown(label: str, value: Any, known: Iterable[str], what: str = "name") -> str:
+def unknown_name(label: str, value: Any, known: Iterable[str], what: str = "name") -> str:
+    """``run.task: unknown name 'retreival' (did you mean 'retrieval'?)``, else the known names."""
     known = sorted(known)
     close = difflib.get_close_matches(str(value), known, 1)
     hint = f"did you mean {close[0]!r}?" if close else f"known: {', '.join(known)}"

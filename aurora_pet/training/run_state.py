@@ -33,6 +33,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import socket
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -112,6 +113,16 @@ class CheckpointStore:
         for directory in self.root.glob("epoch_*"):
             if directory != keep:
                 (directory / RESUME_NAME).unlink(missing_ok=True)
+
+    def export(self, source: Path, destination: Path) -> Path:
+        """The trained weights of checkpoint ``source`` (not its training files) as a directory of their own,
+        written atomically: what a finished run leaves as its result (``<output_dir>/adapter``)."""
+        def copy_weights(tmp: Path) -> None:
+            for file in source.iterdir():
+                if file.name not in TRAINING_FILES:
+                    shutil.copy2(file, tmp / file.name)
+
+        return atomic_directory(destination, copy_weights)
 
     def clean_temporaries(self) -> list[Path]:
         """Remove what interrupted atomic writes left in the output directory, the checkpoints and each
