@@ -101,7 +101,9 @@ def read_datasets(datasets: Mapping[str, Any], cache_root: str | Path, *,
     Builders other than those of ``ENTRY_SCHEMAS`` get only ``validate_datasets_config``.
     """
     from ..data.synthetic import validate_datasets_config
+    from ..video.checks import VIDEO_BUILDERS
 
+    datasets = {name: cfg for name, cfg in datasets.items() if name not in VIDEO_BUILDERS}  # check_datasets checks them
     read: dict[str, dict[str, SplitData]] = {}
     images: set[Path] = set()
     for name, cfg in datasets.items():
@@ -128,9 +130,13 @@ def read_datasets(datasets: Mapping[str, Any], cache_root: str | Path, *,
 
 def check_datasets(datasets: Mapping[str, Any], cache_root: str | Path, *,
                    progress: bool = False) -> dict[str, dict[str, SplitSize]]:
-    """``read_datasets``, reduced to each split's size (for ``check_split_sizes``)."""
-    return {name: {split: data.size for split, data in splits.items()}
-            for name, splits in read_datasets(datasets, cache_root, progress=progress).items()}
+    """``read_datasets``, reduced to each split's size (for ``check_split_sizes``); video datasets by
+    ``aurora_pet.video.checks.check_video_datasets``."""
+    from ..video.checks import check_video_datasets
+
+    sizes = {name: {split: data.size for split, data in splits.items()}
+             for name, splits in read_datasets(datasets, cache_root, progress=progress).items()}
+    return {**sizes, **check_video_datasets(datasets, cache_root, progress=progress)}
 
 
 def check_split_sizes(sizes: Mapping[str, Mapping[str, SplitSize]], run_cfg: Mapping[str, Any],

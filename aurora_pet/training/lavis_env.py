@@ -51,6 +51,7 @@ def import_lavis_registry():
         import lavis.runners  # noqa: F401
         import lavis.tasks  # noqa: F401
         import lavis.common.optims  # noqa: F401  (registers the LR schedulers)
+        import aurora_pet.families.lavis.video  # noqa: F401  (video models, processors, builders, video_qa task)
         from lavis.common.registry import registry
     return registry
 

@@ -38,6 +38,7 @@ def build_model(recipe: Recipe) -> tuple[nn.Module, Any, Any]:
     without one it is the LAVIS model itself, trained in full (every parameter LAVIS leaves trainable).
     """
     from ..families.lavis.build import build_blip, load_checkpoint
+    from ..families.lavis.video import VIDEO_ARCHITECTURES, build_blip_video
     from ..families.lavis.wrap import wrap_blip
 
     model_cfg = recipe.cfg.model_cfg
@@ -45,7 +46,8 @@ def build_model(recipe: Recipe) -> tuple[nn.Module, Any, Any]:
     overrides = {k: v for k, v in settings.items() if k not in MODEL_KEYS}
     path = checkpoint_path(model_cfg)
     try:  # before the checkpoint downloads: a missing vocabulary stops the run first
-        model = build_blip(str(model_cfg.arch), str(model_cfg.model_type), size=settings.get("size", "base"),
+        build = build_blip_video if model_cfg.arch in VIDEO_ARCHITECTURES else build_blip
+        model = build(str(model_cfg.arch), str(model_cfg.model_type), size=settings.get("size", "base"),
                            vocab_file=settings.get("vocab_file"), allow_download=settings.get("allow_download", False),
                            pretrained_weights=path is not None, **overrides)
     except (ValueError, FileNotFoundError) as error:

@@ -57,7 +57,7 @@ BUILD_INFO_KEYS = {"annotations", "images", "videos", "features"}
 SPLIT_KEYS = {"url", "storage", "md5"}
 # `aurora:` = AuroraConfig fields + `preset` (a preset of the model's architecture) + `adapter` (load one).
 AURORA_EXTRA_KEYS = {"preset", "adapter"}
-SUPPORTED_ARCHS = ("blip_retrieval", "blip_vqa")
+SUPPORTED_ARCHS = ("blip_retrieval", "blip_vqa", "blip_video_retrieval", "blip_video_qa")
 
 
 class RecipeError(AuroraConfigError):
@@ -241,7 +241,9 @@ def aurora_config(fields: Mapping[str, Any], arch: str) -> AuroraConfig:
     preset = fields.pop("preset", None)
     try:
         if preset is not None:
-            name = preset if "/" in str(preset) else f"{arch}/{preset}"
+            from ..families.lavis.video_names import image_architecture
+
+            name = preset if "/" in str(preset) else f"{image_architecture(arch)}/{preset}"
             return AuroraConfig.from_preset(name, **_known_aurora_fields(fields))
         return AuroraConfig.from_dict(fields)
     except AuroraConfigError as error:
@@ -332,10 +334,12 @@ def check_model_keys(model: DictConfig, arch: str) -> None:
 def build_settings(arch: str) -> set[str]:
     """Model keys `build_blip` accepts as overrides for `arch` (LAVIS yaml, ViT and med_config keys)."""
     from ..families.lavis.build import ARCHITECTURES, _resolve_spec
+    from ..families.lavis.video_names import VIDEO_ARCHITECTURES, image_architecture
 
-    spec = _resolve_spec(arch, ARCHITECTURES[arch][0], "base", None, {})
+    image_arch = image_architecture(arch)
+    spec = _resolve_spec(image_arch, ARCHITECTURES[image_arch][0], "base", None, {})
     keys = {k for part in spec.values() for k in part} - {"encoder_width", "model_type"}
-    return keys
+    return keys | ({"num_frames"} if arch in VIDEO_ARCHITECTURES else set())
 
 
 def unknown_key(label: str, key: Any, known: Iterable[str]) -> str:

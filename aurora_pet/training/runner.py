@@ -134,6 +134,13 @@ class AuroraRunner(RunnerBase):
 
         self.task.evaluation = evaluation
 
+    def train_epoch(self, epoch):
+        """LAVIS's, after telling seeded video datasets the epoch (their training frames depend on it)."""
+        from ..video.lavis_data import set_frame_epoch
+
+        set_frame_epoch(self.datasets, epoch)
+        return super().train_epoch(epoch)
+
     # -- the loop --------------------------------------------------------------------------------
     def train(self):
         start_time = time.time()

@@ -145,6 +145,11 @@ def _check_data(recipe: Recipe, cache_root: str, world_size: int) -> None:
 
     run_cfg = recipe.run_cfg
     sizes = check_datasets(recipe.cfg.datasets_cfg, cache_root, progress=bool(run_cfg.get("progress", True)))
+    from ..families.lavis.video_names import NUM_FRAMES, VIDEO_ARCHITECTURES
+    from ..video.checks import check_num_frames
+
+    if recipe.arch in VIDEO_ARCHITECTURES:
+        check_num_frames(int(recipe.model_settings.get("num_frames", NUM_FRAMES)), recipe.cfg.datasets_cfg)
     check_split_sizes(sizes, run_cfg, world_size)
 
 

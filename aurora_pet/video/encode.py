@@ -29,6 +29,7 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
+from torch import nn
 
 # BLIP's pixel normalisation (OpenAI CLIP's): LAVIS's BlipImageBaseProcessor and transformers'
 # BlipImageProcessor use the same values.
@@ -41,6 +42,35 @@ class FrameFeatures(NamedTuple):
 
     tokens: torch.Tensor  # (B, N·L, D): frame tokens (plus τ) concatenated in time order, V above
     pooled: torch.Tensor  # (B, D): mean of the frames' CLS features, v above
+
+
+class FrameEmbedding(nn.Module):
+    """The learned frame (temporal) embedding ``τ ∈ R^{N×D}``, zero at initialisation.
+
+    A module, not a bare parameter, so that an adapter can train it by name (``modules_to_save``: it is
+    then counted, saved and loaded with the heads). At zero the video model is BLIP's concatenated-frame
+    model exactly; ``encode_frames`` adds row n to every token of frame n.
+
+    Parameters
+    ----------
+    num_frames : int
+        ``N``, the frames every video of the model has.
+    width : int
+        ``D``, the width of the image encoder's tokens.
+    """
+
+    def __init__(self, num_frames: int, width: int) -> None:
+        super().__init__()
+        if num_frames < 1 or width < 1:
+            raise ValueError(f"FrameEmbedding needs num_frames >= 1 and width >= 1, got {num_frames} and {width}")
+        self.weight = nn.Parameter(torch.zeros(num_frames, width))
+
+    @property
+    def num_frames(self) -> int:
+        return self.weight.shape[0]
+
+    def extra_repr(self) -> str:
+        return f"num_frames={self.weight.shape[0]}, width={self.weight.shape[1]}"
 
 
 def pixel_values(frames: torch.Tensor, mean: tuple[float, ...] = BLIP_MEAN,

@@ -2,7 +2,8 @@
 
 BLIP on video (as the method does it) looks at N frames: the video is cut into N equal segments and
 evaluation takes each segment's middle frame, training one random frame from each segment, so over the
-epochs training sees every part of every segment while evaluation stays deterministic. LAVIS's own
+epochs training sees every part of every segment while evaluation stays deterministic. A training sample's
+draw is seeded from the run's seed, the epoch and the sample's index (``frame_rng``). LAVIS's own
 ``load_video`` takes segment starts (uniform) or random frames from the two halves ("headtail"), clips N to
 the video's length without a word, and resizes inside decord, whose scaler (0.6.0) returns wrongly shaped
 frames for some small widths (16, 24, 48, 72 px seen: an error or a (16, 16, 6) frame; 224 and 384 are
@@ -101,6 +102,30 @@ def random_indices(length: int, num_frames: int, rng: np.random.Generator) -> np
     """
     bounds = segment_bounds(length, num_frames)
     return rng.integers(bounds[:-1], bounds[1:])
+
+
+def frame_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
+    """The generator of one training sample's frame choice: a function of the run's seed, the epoch and the
+    sample's index only, so the frames do not depend on the data order, the number of loader workers or
+    other draws, and a resumed run reads the frames an uninterrupted run would.
+
+    Parameters
+    ----------
+    seed : int
+        The run's seed.
+    epoch : int
+        The training epoch.
+    index : int
+        The sample's index in its dataset.
+
+    Returns
+    -------
+    numpy.random.Generator
+        Seeded from ``(seed, epoch, index)`` by NumPy's ``SeedSequence`` (independent streams per triple).
+    """
+    if min(seed, epoch, index) < 0:
+        raise ValueError(f"frame_rng needs non-negative seed, epoch and index, got {(seed, epoch, index)}")
+    return np.random.default_rng([seed, epoch, index])
 
 
 def read_frames(path: str | Path, num_frames: int, *, size: int | tuple[int, int] | None = None,
