@@ -30,9 +30,9 @@ class AuroraConfig:
     core:            "cp" (diag(λ), the method) or "tucker" (a dense R×R×R core, for comparison).
     scale:           s, the fixed multiplier of every update.
     dropout:         dropout probability of the adapter branch.
-    dropout_position: "input" drops entries of x before x·V (LoRA's place, each target its own mask);
-                     "rank" drops entries of z = x·V (R wide instead of d: fewer random numbers, and
-                     targets that read the same x share z). See docs/method.md, "Dropout".
+    dropout_position: "rank" (the default) drops entries of z = x·V (R wide instead of d: fewer random
+                     numbers, and targets that read the same x share z); "input" drops entries of x before
+                     x·V (LoRA's place, each target its own mask). See docs/method.md, "Dropout".
     ice, gqt:        Informative Context Enhancement / Gated Query Transformation at each fusion site.
     fusion_modules:  regex of the cross-attention modules that host ICE/GQT; None: the preset's sites
                      (the family's default preset's when the targets are a regex).
@@ -48,7 +48,7 @@ class AuroraConfig:
     core: str = "cp"
     scale: float = 1.0
     dropout: float = 0.1
-    dropout_position: str = "input"
+    dropout_position: str = "rank"
     ice: bool = False
     gqt: bool = False
     fusion_modules: str | None = None
