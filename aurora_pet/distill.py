@@ -35,6 +35,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from .config import _check, _is_int, _is_number
 from .errors import AuroraConfigError
 
 __all__ = ["PARTS", "STAGES", "DistillConfig", "Stage", "answer_distillation", "itc_distillation",
@@ -427,15 +428,3 @@ def _stage(stage: str | Stage) -> Stage:
         raise ValueError(f"unknown stage {stage!r}; known: {', '.join(STAGES)}")
     return STAGES[stage]
 
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _check(condition: bool, message: str) -> None:
-    if not condition:
-        raise AuroraConfigError(message)

@@ -24,7 +24,6 @@ import datetime
 import functools
 import logging
 import math
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -37,7 +36,6 @@ from lavis.runners.runner_base import RunnerBase
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm.auto import tqdm
 
-from ..atomic import atomic_directory
 from ..model import AuroraModel
 from . import run_state as ckpt
 from .lavis_env import barrier, gather_rng_states, set_rng_state
@@ -198,13 +196,7 @@ class AuroraRunner(RunnerBase):
             return
         source = self.store.best_dir if test_epoch == "best" else self.store.latest()
         if source is not None:
-            def copy_weights(tmp: Path) -> None:
-                for file in source.iterdir():
-                    if file.name not in ckpt.TRAINING_FILES:
-                        shutil.copy2(file, tmp / file.name)
-
-            self.final_weights = atomic_directory(self.output_dir / ("adapter" if self.aurora else "model"),
-                                                  copy_weights)
+            self.final_weights = self.store.export(source, self.output_dir / ("adapter" if self.aurora else "model"))
         write_metrics(self.output_dir, self.history, self.final)
         if self.config.run_cfg.get("plot", True):
             self.plot_path = plot_metrics(self.output_dir, self.history, self.final, self.title,
