@@ -24,10 +24,12 @@ from torch import nn
 from ..config import CORES, AuroraConfig
 from ..errors import AuroraConfigError, AuroraError
 from ..families import FAMILY_NAMES, get_family
+from ..families.lavis.video_names import VIDEO_ARCHITECTURES, image_architecture
 from ..report import add_comparisons, format_report, report_rows
 
 FAMILIES = FAMILY_NAMES
-ARCHS = ("blip_retrieval", "blip_vqa", "blip_captioning", "blip2")  # hf has all four, lavis the first two
+# hf has the first four, lavis blip_retrieval, blip_vqa and the video architectures (8 frames)
+ARCHS = ("blip_retrieval", "blip_vqa", "blip_captioning", "blip2", "blip_video_retrieval", "blip_video_qa")
 DEFAULT_PRESET = "cross-attention"
 
 
@@ -58,8 +60,10 @@ def run(args: argparse.Namespace) -> int:
     try:
         family_name = args.family or default_family()
         family = get_family(family_name)
-        arch = architecture(family_name, args.arch)
+        arch = architecture(family_name, image_architecture(args.arch))
         config = config_from_args(args, arch)
+        if args.arch in VIDEO_ARCHITECTURES:
+            arch, config = args.arch, video_config(family_name, args.arch, config)
         if args.lora_rank < 1:
             raise AuroraConfigError(f"--lora-rank must be a positive integer, got {args.lora_rank}")
         d = family.width(arch, args.size)
@@ -93,6 +97,17 @@ def architecture(family: str, arch: str) -> str:
         raise AuroraConfigError(f"--arch {arch} is not a {family} architecture; {family} has "
                                 f"{', '.join(a.removeprefix('hf_') for a in known)}")
     return name
+
+
+def video_config(family: str, arch: str, config: AuroraConfig) -> AuroraConfig:
+    """The image preset's config with the frame embedding τ trained beside the adapter (as the video
+    recipes train it, `wrap_blip_video`)."""
+    if family != "lavis":
+        raise AuroraConfigError(f"--arch {arch} is a LAVIS video architecture; use --family lavis")
+    from ..families.lavis.video import FRAME_EMBEDDING
+
+    return AuroraConfig.from_dict({**config.to_dict(),
+                                   "modules_to_save": [*(config.modules_to_save or []), FRAME_EMBEDDING]})
 
 
 def config_from_args(args: argparse.Namespace, arch: str) -> AuroraConfig:

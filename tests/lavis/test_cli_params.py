@@ -148,3 +148,15 @@ def test_console_script_entry_point():
     assert result.returncode == 0, result.stderr[-4000:]
     report = json.loads(result.stdout)
     assert report["groups"]["factors"] == 101_440 and report["base"] == RETRIEVAL_BASE
+
+
+@pytest.mark.parametrize("arch, image_arch", [("blip_video_retrieval", "blip_retrieval"), ("blip_video_qa", "blip_vqa")])
+def test_video_architectures_count_the_frame_embedding(cli, arch, image_arch):
+    """A video architecture trains what its image architecture's preset trains plus τ (8 frames × width)."""
+    video = as_json(cli, "--arch", arch, "--size", "tiny", *CROSS_ATTENTION)
+    image = as_json(cli, "--arch", image_arch, "--size", "tiny", *CROSS_ATTENTION)
+    assert video["model"]["arch"] == arch and "frame_embedding" in video["config"]["modules_to_save"]
+    assert video["trainable"] == image["trainable"] + 8 * 64
+    assert row(video, "factors")["parameters"] == row(image, "factors")["parameters"]
+    code, _, err = cli("--family", "hf", "--arch", arch)
+    assert code == 2 and "LAVIS video architecture; use --family lavis" in err

@@ -39,7 +39,12 @@ class LavisFamily(Family):
 
     def build(self, architecture: str, size: str = "base") -> nn.Module:
         from .build import ARCHITECTURES, build_blip
+        from .video_names import VIDEO_ARCHITECTURES
 
+        if architecture in VIDEO_ARCHITECTURES:
+            from .video import build_blip_video
+
+            return build_blip_video(architecture, size=size)
         return build_blip(architecture, ARCHITECTURES[architecture][0], size=size)
 
     def width(self, architecture: str, size: str = "base") -> int:
