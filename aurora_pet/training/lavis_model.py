@@ -3,11 +3,15 @@
 
 This replaces LAVIS's ``task.build_model`` (``from_config``), which downloads the BERT tokenizer and a
 checkpoint and loads the latter with ``strict=False`` without saying what failed to load.
+
+With a ``distill:`` section, a retrieval student is made a ``DistillBlipRetrieval`` (LAVIS's loss, plus the
+responses distillation needs) and ``build_teacher`` builds and strictly loads the frozen teacher.
 """
 
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
 from torch import nn
@@ -52,6 +56,10 @@ def build_model(recipe: Recipe) -> tuple[nn.Module, Any, Any]:
                            pretrained_weights=path is not None, **overrides)
     except (ValueError, FileNotFoundError) as error:
         raise RecipeError(f"model: {error}") from None
+    if recipe.distill is not None and str(model_cfg.arch) == "blip_retrieval":
+        from ..families.lavis.distill import DistillBlipRetrieval
+
+        model = DistillBlipRetrieval.from_model(model)
     report = None
     if path is None:
         log.warning("model: no checkpoint (model.pretrained is null): the base model keeps random weights")
@@ -70,3 +78,75 @@ def build_model(recipe: Recipe) -> tuple[nn.Module, Any, Any]:
     if recipe.aurora is None:
         return model, model, report
     return wrap_blip(model, recipe.aurora), model, report
+
+
+# Keys only one architecture's checkpoints hold: a teacher checkpoint of another architecture is named by them.
+_ARCH_KEYS = {"blip_retrieval": "itm_head.weight", "blip_vqa": "text_decoder.cls.predictions.bias"}
+
+
+def build_teacher(recipe: Recipe) -> nn.Module:
+    """The recipe's teacher (``distill.teacher``): the student's architecture and model type with the recipe's
+    build settings, ``distill.teacher_model`` overriding them (a larger teacher), loaded strictly from the
+    checkpoint, frozen and in eval mode.
+
+    Parameters
+    ----------
+    recipe : Recipe
+        A recipe with a ``distill:`` section.
+
+    Returns
+    -------
+    nn.Module
+        A plain LAVIS ``BlipRetrieval`` or ``BlipVQA``.
+
+    Raises
+    ------
+    RecipeError
+        Naming ``distill.teacher`` and the file: a checkpoint of another architecture, keys or shapes that do not
+        match the teacher's settings, a tokenizer of another size than the student's.
+    """
+    from ..families.lavis.build import CheckpointError, _read_state_dict, build_blip, load_checkpoint
+
+    assert recipe.distill is not None and recipe.distill.teacher is not None
+    model_cfg = recipe.cfg.model_cfg
+    arch, path = str(model_cfg.arch), recipe.distill.teacher
+    settings = {**recipe.model_settings, **recipe.teacher_model}
+    overrides = {k: v for k, v in settings.items() if k not in MODEL_KEYS}
+    where = f"distill.teacher={path}"
+    try:
+        teacher = build_blip(arch, str(model_cfg.model_type), size=settings.get("size", "base"),
+                             vocab_file=settings.get("vocab_file"),
+                             allow_download=settings.get("allow_download", False), pretrained_weights=True,
+                             **overrides)
+    except (ValueError, FileNotFoundError) as error:
+        raise RecipeError(f"{where}: cannot build the teacher: {error}") from None
+    try:
+        load_checkpoint(teacher, path, strict=True)
+    except (CheckpointError, FileNotFoundError) as error:
+        hint = ""
+        try:
+            keys = _read_state_dict(Path(path)).keys()
+            other = [name for name, key in _ARCH_KEYS.items() if key in keys and name != arch]
+            if other and _ARCH_KEYS[arch] not in keys:
+                hint = f" (it holds a {other[0]} model; the recipe trains {arch}, and the teacher must be a {arch})"
+        except (CheckpointError, FileNotFoundError):
+            pass
+        raise RecipeError(f"{where}: not a teacher for this recipe{hint}: {error}"
+                          + ("" if hint else "; a teacher of other widths or depths than model: needs them in "
+                             "distill.teacher_model")) from None
+    _drop_momentum(teacher)
+    print(f"teacher {path}: all keys matched")
+    return teacher.requires_grad_(False).eval()
+
+
+def _drop_momentum(teacher: nn.Module) -> None:
+    """Free what only training a retrieval model uses (momentum encoders, queues): a teacher only answers."""
+    for online, momentum in getattr(teacher, "model_pairs", []):
+        for name, module in list(teacher.named_children()):
+            if module is momentum:
+                delattr(teacher, name)
+    if hasattr(teacher, "model_pairs"):
+        teacher.model_pairs = []
+    for name in ("image_queue", "text_queue", "idx_queue", "ptr_queue"):
+        if name in teacher._buffers:
+            delattr(teacher, name)

@@ -9,6 +9,10 @@ silently ignored, as LAVIS would.
 A top-level ``family:`` says which model family's runner trains the recipe (``recipe_family``): absent or
 ``lavis`` for these LAVIS recipes, ``hf`` for transformers BLIP (``hf_recipe``, which reuses the readers and
 checks here).
+
+An optional top-level ``distill:`` section distils a teacher into the student (``DistillConfig``'s keys, plus,
+for a LAVIS teacher wider or deeper than the student, ``teacher_model:`` overrides of the ``model:`` build
+settings); ``distill_config`` parses it for either family, ``distill_section`` adds the LAVIS checks.
 """
 
 from __future__ import annotations
@@ -26,11 +30,14 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from ..config import AuroraConfig
+from ..distill import DistillConfig
 from ..errors import AuroraConfigError
 
 SECTIONS = ("model", "datasets", "run", "aurora")
 FAMILY_KEY = "family"  # top level: which model family's runner trains the recipe (see recipe_family)
 FAMILIES = ("lavis", "hf")
+DISTILL_KEY = "distill"  # top level, optional: the teacher and the distillation losses (see distill_config)
+TEACHER_MODEL_KEY = "teacher_model"  # distill.teacher_model: the LAVIS teacher's build settings that differ
 
 # Keys of `run:` read by LAVIS 1.0.2 (RunnerBase, the tasks, the LR schedulers, train.py) and by aurora-pet.
 RUN_KEYS = {
@@ -75,6 +82,8 @@ class Recipe:
     aurora: AuroraConfig | None  # None: no `aurora:` section, every base weight trains (full fine-tuning)
     adapter: str | None = None  # an adapter directory to load before training or evaluation
     raw: dict[str, Any] = field(default_factory=dict)
+    distill: DistillConfig | None = None  # the `distill:` section; None: no teacher
+    teacher_model: dict[str, Any] = field(default_factory=dict)  # distill.teacher_model: teacher build overrides
 
     @property
     def run_cfg(self):
@@ -168,13 +177,19 @@ def load_recipe(cfg_path: str | Path, options: Sequence[str] | None = None) -> R
         raise RecipeError(unknown_name("run.lr_sched", lr_sched, registry.mapping["lr_scheduler_name_mapping"]))
 
     aurora, adapter = aurora_section(merged, arch)
+    distill, teacher_model = distill_section(merged, path, arch, aurora)
 
     cfg = Config(SimpleNamespace(cfg_path=str(path), options=options))
     OmegaConf.set_struct(cfg.config, False)
     cfg.config.aurora = OmegaConf.create(aurora.to_dict() if aurora else None)
+    if distill is not None:
+        import dataclasses
+
+        cfg.config.distill = OmegaConf.create({**dataclasses.asdict(distill), TEACHER_MODEL_KEY: teacher_model})
     settings = OmegaConf.to_container(merged.model, resolve=True)
     return Recipe(path=path, options=options, cfg=cfg, model_settings=settings, aurora=aurora,
-                  adapter=adapter, raw=OmegaConf.to_container(merged, resolve=True))
+                  adapter=adapter, raw=OmegaConf.to_container(merged, resolve=True), distill=distill,
+                  teacher_model=teacher_model)
 
 
 def _read_yaml(path: Path) -> DictConfig:
@@ -264,8 +279,8 @@ def check_keys(node: DictConfig, source: str, registry) -> None:
     """Every key `node` sets must be one LAVIS or aurora-pet reads; the error names the closest one."""
     problems = []
     for section in node:
-        if section not in (*SECTIONS, FAMILY_KEY):
-            problems.append(unknown_key(str(section), section, SECTIONS))
+        if section not in (*SECTIONS, FAMILY_KEY, DISTILL_KEY):
+            problems.append(unknown_key(str(section), section, (*SECTIONS, DISTILL_KEY)))
     run = node.get("run")
     if isinstance(run, DictConfig):
         problems += [unknown_key(f"run.{k}", k, RUN_KEYS) for k in run if k not in RUN_KEYS]
@@ -275,6 +290,111 @@ def check_keys(node: DictConfig, source: str, registry) -> None:
         problems += dataset_key_problems(datasets, registry.mapping["builder_name_mapping"])
     if problems:
         raise RecipeError(f"{source}: " + "; ".join(problems))
+
+
+def distill_config(section: Any, source: str, extra_keys: Iterable[str] = ()) -> tuple[DistillConfig | None,
+                                                                                       dict[str, Any]]:
+    """A recipe's ``distill:`` section as a ``DistillConfig`` and its ``extra_keys`` (a family's own keys, e.g.
+    ``teacher_model``); (None, {}) for ``distill: null`` (no distillation: ``--options distill=null`` turns off a
+    recipe's section). Every error names ``source`` (the recipe file) and the key.
+
+    Parameters
+    ----------
+    section : Any
+        The merged recipe's ``distill`` value (a ``DictConfig``, a mapping or None).
+    source : str
+        The recipe file, for the messages.
+    extra_keys : iterable of str
+        Keys the family reads beside ``DistillConfig``'s fields; returned apart.
+
+    Returns
+    -------
+    tuple
+        (the config or None, the extra keys that are set).
+    """
+    import dataclasses
+
+    if section is None:
+        return None, {}
+    data = OmegaConf.to_container(section, resolve=True) if isinstance(section, DictConfig) else section
+    if not isinstance(data, Mapping):
+        raise RecipeError(f"{source}: distill: expected a mapping of settings (teacher, weights, stages), "
+                          f"got {data!r}")
+    known = {f.name for f in dataclasses.fields(DistillConfig)} | set(extra_keys)
+    unknown = [unknown_key(f"distill.{key}", key, known) for key in data if key not in known]
+    if unknown:
+        raise RecipeError(f"{source}: " + "; ".join(unknown))
+    extra = {key: data.pop(key) for key in list(data) if key in set(extra_keys)}
+    try:
+        return DistillConfig.from_mapping(data), extra
+    except (AuroraConfigError, TypeError) as error:
+        raise RecipeError(f"{source}: {error}") from None
+
+
+def distill_section(merged: DictConfig, path: Path, arch: str,
+                    aurora: AuroraConfig | None) -> tuple[DistillConfig | None, dict[str, Any]]:
+    """The LAVIS recipe's ``distill:`` section, checked against the rest of the recipe before anything runs:
+    a distillable architecture, a teacher checkpoint file that exists, stages that fit ``run.max_epoch``, heads
+    for an ``align`` stage to train, a weight > 0 on a term of the task, and ``teacher_model`` build keys.
+
+    Parameters
+    ----------
+    merged : DictConfig
+        The recipe merged with its options.
+    path : Path
+        The recipe file, for the messages.
+    arch : str
+        ``model.arch``.
+    aurora : AuroraConfig or None
+        The ``aurora:`` section (None: full fine-tuning).
+
+    Returns
+    -------
+    tuple
+        (the ``DistillConfig`` or None, the teacher's build overrides ``distill.teacher_model``).
+    """
+    from ..families.lavis.distill import DISTILL_ARCHITECTURES, TASK_PARTS
+
+    config, extra = distill_config(merged.get(DISTILL_KEY), str(path), (TEACHER_MODEL_KEY,))
+    if config is None:
+        return None, {}
+    where = f"{path}: distill"
+    if arch not in DISTILL_ARCHITECTURES:
+        raise RecipeError(f"{where}: distillation supports model.arch {' and '.join(DISTILL_ARCHITECTURES)}, "
+                          f"not {arch!r}")
+    if config.teacher is None:
+        raise RecipeError(f"{where}.teacher is required: the .pth or .safetensors checkpoint of the teacher (a "
+                          f"{arch} model fine-tuned in full, or a larger one with distill.teacher_model settings)")
+    teacher = Path(config.teacher).expanduser()
+    if not teacher.is_file():
+        what = "is a directory" if teacher.is_dir() else "not found"
+        raise RecipeError(f"{where}.teacher={config.teacher}: checkpoint {what} (expected a local .pth or "
+                          f".safetensors file of a fully fine-tuned {arch} model)")
+    try:
+        stages = config.schedule(int(merged.run.get("max_epoch", 1)))
+    except AuroraConfigError as error:
+        raise RecipeError(f"{path}: {error}") from None
+    if any(not stage.trains_adapter for stage in stages) and not (aurora and aurora.modules_to_save):
+        reason = ("aurora.modules_to_save is empty" if aurora else
+                  "there is no aurora: section (full fine-tuning has no separate heads)")
+        raise RecipeError(f"{where}.stages {config.stages!r} has an align stage, which trains the heads "
+                          f"(aurora.modules_to_save) only, but {reason}; drop the align stage or name the heads")
+    parts = TASK_PARTS[arch]
+    if not any(config.weights()[part] > 0 for part in parts):
+        raise RecipeError(f"{where}: every weight of a {arch} term is 0 "
+                          f"({', '.join(f'{part}_weight' for part in parts)}), so nothing would be distilled")
+    overrides = extra.get(TEACHER_MODEL_KEY) or {}
+    if not isinstance(overrides, Mapping):
+        raise RecipeError(f"{where}.{TEACHER_MODEL_KEY}: expected a mapping of model build settings "
+                          f"(e.g. vision_width, num_hidden_layers), got {overrides!r}")
+    known = build_settings(arch) | {"size"}
+    problems = [unknown_key(f"distill.{TEACHER_MODEL_KEY}.{k}", k, known) for k in overrides if k not in known]
+    if overrides.get("size", "base") not in ("base", "tiny"):
+        problems.append(f"distill.{TEACHER_MODEL_KEY}.size must be 'base' or 'tiny', got {overrides['size']!r}")
+    if problems:
+        raise RecipeError(f"{path}: " + "; ".join(problems) + " (teacher_model sets build settings of the "
+                          "teacher that differ from model:; its arch and model_type are the student's)")
+    return config, dict(overrides)
 
 
 def aurora_key_problems(node: DictConfig) -> list[str]:

@@ -15,7 +15,11 @@ VQA: answer ranking and the official VQA accuracy) and ``task.after_evaluation``
   is evaluated (LAVIS saves only a new best when there are validation splits) and completed by the
   evaluation's results, the best metric and history restored on resume (LAVIS restarts them from 0; an
   epoch whose evaluation was interrupted is evaluated first), metrics files and a plot, and no
-  checkpoint writes in evaluate-only mode.
+  checkpoint writes in evaluate-only mode;
+- with a ``distiller`` (a recipe's ``distill:`` section): the task's ``train_step`` is the distiller's for this
+  run (LAVIS's loop, optimizer and logging around it unchanged), each epoch enters the stage its number gives
+  (resume-safe), and the epoch's loss parts join its metrics row (``train_stage``, ``train_loss_task``,
+  ``train_loss_itc``, ...).
 """
 
 from __future__ import annotations
@@ -76,8 +80,11 @@ class _ProgressLoader(_HostLoader):
 
 class AuroraRunner(RunnerBase):
     def __init__(self, cfg, task, model, datasets, job_id: str = "", *, fingerprint: dict[str, Any],
-                 resume_from: Path | None = None, title: str = "") -> None:
+                 resume_from: Path | None = None, title: str = "", distiller: Any = None) -> None:
         super().__init__(cfg, task, model, datasets, job_id)
+        self.distiller = distiller  # families.lavis.distill.Distiller, or None
+        if distiller is not None:
+            self.task.train_step = distiller.train_step  # this task instance only: LAVIS's class is untouched
         self.store = ckpt.CheckpointStore(self.output_dir)
         self.fingerprint = fingerprint
         self.resume_from = resume_from
@@ -98,8 +105,10 @@ class AuroraRunner(RunnerBase):
             self._model = self._model.to(self.device)
             if self.use_distributed:
                 device_ids = [self.config.run_cfg.gpu] if self.device.type == "cuda" else None
+                # an align stage freezes the adapter mid-run: its parameters then get no gradient
+                frozen_stage = self.distiller is not None and self.distiller.freezes_adapter
                 self._wrapped_model = DDP(self._model, device_ids=device_ids, find_unused_parameters=bool(
-                    self.config.run_cfg.get("find_unused_parameters", False)))
+                    self.config.run_cfg.get("find_unused_parameters", False)) or frozen_stage)
             else:
                 self._wrapped_model = self._model
         return self._wrapped_model
@@ -133,11 +142,18 @@ class AuroraRunner(RunnerBase):
         self.task.evaluation = evaluation
 
     def train_epoch(self, epoch):
-        """LAVIS's, after telling seeded video datasets the epoch (their training frames depend on it)."""
+        """LAVIS's, after telling seeded video datasets the epoch (their training frames depend on it); with a
+        distiller, in the stage the epoch number gives, its loss parts added to the epoch's stats."""
         from ..video.lavis_data import set_frame_epoch
 
         set_frame_epoch(self.datasets, epoch)
-        return super().train_epoch(epoch)
+        if self.distiller is None:
+            return super().train_epoch(epoch)
+        self.optimizer  # noqa: B018  (created now, over every trainable parameter, before a stage freezes some)
+        self.distiller.start_epoch(epoch, self.device)
+        stats = super().train_epoch(epoch)
+        stats.update(self.distiller.epoch_stats())
+        return stats
 
     # -- the loop --------------------------------------------------------------------------------
     def train(self):

@@ -5,6 +5,8 @@ datasets → model → runner → ``runner.train()``. Only the model step differ
 offline builder, ``load_checkpoint`` with a key report, ``wrap_blip``), the runner is ``AuroraRunner``
 (checkpointing, resume, CPU), and before anything trains the main process locks the output directory,
 removes what interrupted writes left there and checks the checkpoint to resume, the data and the sizes.
+With a ``distill:`` section the teacher is built and loaded before anything trains (``build_teacher``) and the
+runner trains with the staged distillation step (``families.lavis.distill.Distiller``).
 """
 
 from __future__ import annotations
@@ -59,7 +61,7 @@ def train(cfg_path: str | Path, options: Sequence[str] | None = None, *, resume:
     from lavis.common.registry import registry
 
     from .lavis_env import distributed, main_process_result, process_state_restored, setup_seeds
-    from .lavis_model import build_model
+    from .lavis_model import build_model, build_teacher
     from .runner import AuroraRunner
 
     recipe = load_recipe(cfg_path, options)
@@ -90,11 +92,14 @@ def train(cfg_path: str | Path, options: Sequence[str] | None = None, *, resume:
             adapter = Path(recipe.adapter)
             model.load_adapter(adapter)
             print(f"loaded the adapter {adapter}")
+        distiller = None
+        if recipe.distill is not None and not run_cfg.get("evaluate", False):
+            distiller = _distiller(recipe, model, lavis_model, build_teacher(recipe))
         for key in ("output_dir", "result_dir"):  # LAVIS registers these once per process
             registry.mapping["paths"].pop(key, None)
         runner = AuroraRunner(cfg=recipe.cfg, task=task, model=model, datasets=datasets, job_id="",
                               fingerprint=recipe.fingerprint(), resume_from=resume_from,
-                              title=f"{recipe.path.stem}: {recipe.arch}")
+                              title=f"{recipe.path.stem}: {recipe.arch}", distiller=distiller)
         runner.epoch_callback = epoch_callback
         if main:
             (output_dir / "recipe.yaml").write_text(_dump(recipe.raw))
@@ -105,6 +110,17 @@ def train(cfg_path: str | Path, options: Sequence[str] | None = None, *, resume:
     if main and not quiet:
         _print_summary(result)
     return result
+
+
+def _distiller(recipe: Recipe, model: nn.Module, lavis_model: nn.Module, teacher: nn.Module):
+    """The run's distillation step: the heads of an ``AuroraModel`` train in every stage, the rest of what
+    trains (the adapter) is frozen in ``align``."""
+    from ..families.lavis.distill import Distiller
+    from ..model import AuroraModel
+
+    heads = list(model.heads.values()) if isinstance(model, AuroraModel) else []
+    return Distiller(recipe.distill, teacher, lavis_model, heads, model, int(recipe.run_cfg.max_epoch),
+                     log_freq=int(recipe.run_cfg.get("log_freq", 50)))
 
 
 def _claim(recipe: Recipe, output_dir: Path, resume: bool, held: contextlib.ExitStack) -> Path | None:
