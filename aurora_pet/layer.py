@@ -44,7 +44,10 @@ class AuroraLinear:
 
     @property
     def factors(self) -> "ModeFactors":
-        return self.adapter.factors_m if self.momentum else self.adapter.factors
+        if self.momentum:
+            return self.adapter.factors_m
+        swapped = self.model._factors_in_use.get(self.adapter.adapter_name)  # `AuroraModel.use_factors`
+        return self.adapter.factors if swapped is None else swapped
 
     @property
     def scale(self) -> float:

@@ -66,6 +66,7 @@ class AuroraModel(nn.Module):
         # a switch so that tests and benchmarks can compare with the per-target computation
         self.share_input_projections = True
         self._input_projections: collections.OrderedDict[tuple[int, int, int], Any] = collections.OrderedDict()
+        self._factors_in_use: dict[str, ModeFactors] = {}  # adapter name → the factors `use_factors` swapped in
         self._dispatch: dict[str, TargetDispatch] = {}
         self._hooks: dict[str, list[Any]] = {}
         self._fusion_masks: dict[tuple[str, str], Any] = {}
@@ -500,6 +501,47 @@ class AuroraModel(nn.Module):
         """The base model with every adapter hook removed (weights as they are now)."""
         self._remove()
         return self.base_model
+
+    @contextlib.contextmanager
+    def use_factors(self, factors: ModeFactors) -> Iterator[None]:
+        """Inside the block the active adapter's online targets compute their update from `factors` instead
+        of the adapter's own: a factor set of the same layout that someone else keeps, e.g. the EMA copy a
+        retrieval loss holds for momentum distillation. The same frozen base then runs as the momentum
+        model, without a copy of it. ICE/GQT and the heads are not swapped (a caller that keeps momentum
+        copies of the heads calls those itself); the targets' momentum copies keep reading `factors_m`.
+
+        Parameters
+        ----------
+        factors : ModeFactors
+            Same class and the same tensor names and shapes as the active adapter's `factors`.
+
+        Raises
+        ------
+        ValueError
+            When `factors` does not have the adapter's layout.
+        MergeError
+            When an adapter is merged: the forward would add no update, so the swap would not act.
+        """
+        adapter = self.active
+        own = {k: tuple(v.shape) for k, v in adapter.factors.state_dict().items()}
+        other = {k: tuple(v.shape) for k, v in factors.state_dict().items()} if isinstance(factors, nn.Module) else None
+        if type(factors) is not type(adapter.factors) or other != own:
+            raise ValueError(f"use_factors needs a {type(adapter.factors).__name__} with the layout of adapter "
+                             f"{adapter.adapter_name!r} ({own}), got {type(factors).__name__}"
+                             + (f" ({other})" if other is not None else ""))
+        if self.merged:
+            raise MergeError(f"adapter {self.merged_adapter!r} is merged: its forward adds no update, so other "
+                             "factors cannot act; unmerge() first")
+        name = adapter.adapter_name
+        previous = self._factors_in_use.get(name)
+        self._factors_in_use[name] = factors
+        try:
+            yield
+        finally:
+            if previous is None:
+                del self._factors_in_use[name]
+            else:
+                self._factors_in_use[name] = previous
 
     @contextlib.contextmanager
     def disable_adapter(self) -> Iterator[None]:

@@ -10,7 +10,11 @@ It is ``AuroraRunner``'s loop (``runner.py``) without LAVIS, writing the same fi
   ``warmup_steps`` steps, epoch e ≥ 1 uses ``min_lr + (init_lr − min_lr)·½(1 + cos(π e / max_epoch))``.
 
 Losses: retrieval trains ``BlipRetrievalLoss`` (ITC + ITM with hard negatives, ``families.hf.retrieval``),
-VQA the model's own ``labels`` loss. Data order: each epoch's permutation comes from (seed, epoch), each
+VQA the model's own ``labels`` loss. With a ``distill:`` section, ``DistilledLoss`` adds the distillation terms
+from a frozen teacher (``families.hf.distill``) as each epoch's stage says (``DistillConfig.schedule``: the
+stage is a function of the epoch, so a resumed run continues in its stage); in ``align`` epochs the adapter
+gets no update, only the heads (``modules_to_save``) and the loss's temperature do. Each loss part's epoch
+mean is a ``train_<part>`` column of the metrics. Data order: each epoch's permutation comes from (seed, epoch), each
 process takes its share, an incomplete last batch is dropped. Dropout, augmentation and hard negatives draw
 from the global RNGs, which every checkpoint carries for every rank: a resumed run continues bit for bit.
 Evaluation runs on the main process, the other processes waiting, with the factors merged (``hf_eval``).
@@ -20,6 +24,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +32,9 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm.auto import tqdm
+from transformers.utils import ModelOutput
 
+from ..distill import PARTS, STAGES, DistillConfig, Stage
 from ..model import AuroraModel
 from . import run_state as ckpt
 from .data import SplitData
@@ -35,10 +42,13 @@ from .hf_data import Collate, build_dataset, image_transform, text_cleaner
 from .hf_eval import evaluate_split
 from .hf_model import LoadedModel
 from .hf_recipe import HFRecipe
+from .recipe import RecipeError
 from .lavis_env import barrier, gather_rng_states, set_rng_state
 from .metrics import flatten, plot_metrics, write_metrics
 
-__all__ = ["HFRunner", "VQALoss", "learning_rate"]
+__all__ = ["DistilledLoss", "DistilledOutput", "HFRunner", "VQALoss", "learning_rate"]
+
+TASK_PARTS = {"retrieval": ("itc", "itm", "relation"), "vqa": ("answer", "relation")}  # the terms each task has
 
 
 class VQALoss(nn.Module):
@@ -55,6 +65,107 @@ class VQALoss(nn.Module):
                           labels=labels)
 
 
+@dataclass
+class DistilledOutput(ModelOutput):
+    """What ``DistilledLoss`` returns: the loss to backpropagate and, for the metrics, the float value of each
+    part (``DistillConfig.combine``'s: "task", the unweighted terms, "distill", "loss")."""
+
+    loss: torch.FloatTensor | None = None
+    parts: dict[str, float] | None = None
+
+
+class DistilledLoss(nn.Module):
+    """The task loss and the distillation terms from a frozen teacher, combined as the current stage says.
+
+    It owns the task loss as ``criterion`` (and so the model, its ``model``: the parameters are the task
+    loss's, in its order). The teacher is held outside the module tree: an optimizer, a checkpoint, DDP's
+    broadcast, ``train()`` and accelerate's ``prepare`` never see it; the runner puts it on the device.
+
+    Parameters
+    ----------
+    criterion : nn.Module
+        The task loss: ``BlipRetrievalLoss`` (its output gives the hard negatives the ITM terms are computed
+        on, its ``temp`` the student's ITC temperature) or ``VQALoss`` (only its model is used: the student's
+        pass of ``vqa_responses`` gives the task loss and the distilled answers at once).
+    teacher : nn.Module
+        A transformers BLIP of the same task and tokenizer, frozen and in eval mode.
+    config : DistillConfig
+        Weights, temperature and stages.
+    task : str
+        "retrieval" or "vqa".
+    itm_token_id : int, optional
+        First token of the ITM inputs (retrieval), as the task loss uses it.
+    teacher_temperature : float
+        The teacher's ITC temperature when ``config.temperature`` is None: a ``save_pretrained`` BLIP retrieval
+        model stores none, so the recipe's ``model.temperature`` (BLIP's 0.07) stands for it.
+    """
+
+    def __init__(self, criterion: nn.Module, teacher: nn.Module, config: DistillConfig, task: str, *,
+                 itm_token_id: int | None = None, teacher_temperature: float = 0.07) -> None:
+        super().__init__()
+        if task not in TASK_PARTS:
+            raise ValueError(f"unknown task {task!r}; known: {', '.join(TASK_PARTS)}")
+        self.criterion = criterion
+        self._teacher = (teacher,)  # a tuple, not a submodule (see the class doc)
+        self.config, self.task = config, task
+        self.itm_token_id, self.teacher_temperature = itm_token_id, float(teacher_temperature)
+        self.stage: Stage = STAGES["distill"]  # set by the runner before each epoch
+
+    @property
+    def model(self) -> nn.Module:
+        return self.criterion.model
+
+    @property
+    def teacher(self) -> nn.Module:
+        return self._teacher[0]
+
+    def forward(self, **batch: Any) -> DistilledOutput:
+        """The step's loss under ``self.stage``: [task] L_task + [distil] Σ_k w_k L_k.
+
+        Parameters
+        ----------
+        **batch
+            The training batch as the task loss takes it (``Collate``'s retrieval or VQA batch).
+
+        Returns
+        -------
+        DistilledOutput
+            The loss (in a stage without the task loss, plus 0·L_task, so that every trainable tensor is in
+            the graph as DDP without ``find_unused_parameters`` expects) and its parts for the metrics.
+        """
+        from ..families.hf.distill import retrieval_distillation, vqa_distillation, vqa_responses
+
+        stage, parts = self.stage, {}
+        if self.task == "retrieval":
+            out = self.criterion(**batch)  # also in align: its hard negatives are the ITM terms' pairs
+            task = out.loss
+            if stage.distillation:
+                # negatives drawn from every rank's batch index the gathered batch, which this rank's student
+                # and teacher do not hold: then the ITM and relation terms take the B positive pairs only
+                negatives = (out.negative_texts, out.negative_images) if self._local_negatives() else (None, None)
+                parts = retrieval_distillation(
+                    self.model, self.teacher, self.config, batch["input_ids"], batch["attention_mask"],
+                    batch["pixel_values"], student_temperature=self.criterion.temp,
+                    teacher_temperature=self.teacher_temperature, negative_texts=negatives[0],
+                    negative_images=negatives[1], itm_token_id=self.itm_token_id)
+        else:
+            mine = vqa_responses(self.model, **batch)
+            task = mine.loss
+            if stage.distillation:
+                parts = vqa_distillation(self.model, self.teacher, self.config, **batch, student_responses=mine)
+        loss, logged = self.config.combine(parts, task=task, stage=stage)
+        if not stage.task_loss:  # every trainable tensor stays in the graph (DDP without find_unused_parameters)
+            loss = loss + 0.0 * task
+        return DistilledOutput(loss=loss, parts=logged)
+
+    def _local_negatives(self) -> bool:
+        """Whether the task loss's hard negatives index this process's batch (not all ranks' gathered one)."""
+        import torch.distributed as dist
+
+        gathered = bool(getattr(self.criterion, "negative_all_rank", False))
+        return not (gathered and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1)
+
+
 def learning_rate(run_cfg: Any, epoch: int, step: int) -> float:
     """LAVIS's ``linear_warmup_cosine_lr`` at (epoch, step) (see the module doc)."""
     init_lr, min_lr = float(run_cfg.init_lr), float(run_cfg.min_lr)
@@ -68,11 +179,12 @@ class HFRunner:
     """One run of an hf recipe: ``run()`` trains (or, with ``run.evaluate``, only evaluates) and tests.
 
     ``splits`` are the dataset's splits as ``data.read_datasets`` read them; ``resume_from`` is the checkpoint
-    to continue from. After ``run()``: ``history`` (a metrics row per epoch), ``final`` (the test metrics),
-    ``final_weights`` (``<output_dir>/adapter``), ``plot_path``; main process only."""
+    to continue from; ``teacher`` the frozen teacher of a recipe with ``distill:`` (``hf_model.load_teacher``;
+    not needed to only evaluate). After ``run()``: ``history`` (a metrics row per epoch), ``final`` (the test
+    metrics), ``final_weights`` (``<output_dir>/adapter``), ``plot_path``; main process only."""
 
     def __init__(self, recipe: HFRecipe, loaded: LoadedModel, splits: dict[str, SplitData], accelerator: Any, *,
-                 resume_from: Path | None = None, title: str = "") -> None:
+                 resume_from: Path | None = None, title: str = "", teacher: nn.Module | None = None) -> None:
         self.recipe, self.run_cfg, self.loaded, self.model = recipe, recipe.run_cfg, loaded, loaded.model
         self.splits, self.accelerator, self.resume_from, self.title = splits, accelerator, resume_from, title
         self.output_dir = Path(str(self.run_cfg.output_dir))
@@ -89,6 +201,10 @@ class HFRunner:
         self.plot_path: Path | None = None
         self.epoch_callback: Callable[[dict[str, Any], int], None] | None = None  # main process, each epoch's row
         self.criterion = self._criterion()
+        # what trains: the task loss, or the task loss under distillation (see _objective)
+        self.stages: list[Stage] | None = None  # the stage of each epoch, with distillation
+        self.align_frozen: list[nn.Parameter] = []  # what gets no update in align epochs: the adapter
+        self.objective = self._objective(teacher)
         # set by _prepare_training (not in evaluate-only runs): the criterion under accelerate (DDP), its
         # optimizer, the epoch sampler and the training loader
         self.wrapped: nn.Module | None = None
@@ -109,9 +225,43 @@ class HFRunner:
         if self.recipe.task == "retrieval":
             from ..families.hf.retrieval import BlipRetrievalLoss
 
-            return BlipRetrievalLoss(self.model, temperature=float(self.recipe.model["temperature"]),
-                                     itm_token_id=self.loaded.enc_token_id)
+            model = self.recipe.model
+            return BlipRetrievalLoss(self.model, temperature=float(model["temperature"]),
+                                     itm_token_id=self.loaded.enc_token_id, alpha=float(model["alpha"]),
+                                     momentum=float(model["momentum"]),
+                                     negative_all_rank=bool(model["negative_all_rank"]))
         return VQALoss(self.model)
+
+    def _objective(self, teacher: nn.Module | None) -> nn.Module:
+        """The task loss, or ``DistilledLoss`` around it with the recipe's teacher (checked here, before any
+        training: the teacher, the weights of the task's terms, and heads for ``align`` epochs to train)."""
+        config = self.recipe.distill
+        if config is None or self.evaluate_only:
+            return self.criterion
+        source = self.recipe.path
+        if teacher is None:
+            raise RecipeError(f"{source}: the distill: section needs its teacher: load it with "
+                              "hf_model.load_teacher (distill.teacher) and pass it to the runner")
+        task = self.recipe.task
+        if not any(config.weights()[part] > 0 for part in TASK_PARTS[task]):
+            raise RecipeError(f"{source}: distill: every weight of run.task={task}'s terms is 0 "
+                              f"({', '.join(f'{part}_weight' for part in TASK_PARTS[task])}), so nothing would "
+                              "be distilled")
+        self.stages = config.schedule(int(self.run_cfg.max_epoch))
+        if any(not stage.trains_adapter for stage in self.stages):
+            heads = getattr(self.model, "heads", {}) if self.aurora else {}
+            if not heads:
+                why = ("the recipe has no aurora: section (full fine-tuning has no adapter to hold back)"
+                       if not self.aurora else "the adapter has no task heads (aurora.modules_to_save)")
+                raise RecipeError(f"{source}: distill.stages={config.stages!r} has align epochs, which train the "
+                                  f"task heads only, but {why}; start with supervised or distill, or name the heads "
+                                  "in aurora.modules_to_save")
+            in_heads = {id(p) for head in heads.values() for p in head.parameters()}
+            self.align_frozen = [p for p in self.model.parameters() if p.requires_grad and id(p) not in in_heads]
+        teacher.requires_grad_(False)
+        teacher.eval().to(self.accelerator.device)
+        return DistilledLoss(self.criterion, teacher, config, task, itm_token_id=self.loaded.enc_token_id,
+                             teacher_temperature=float(self.recipe.model["temperature"]))
 
     def _dataset(self, split: str, train: bool) -> Dataset:
         """A split's dataset with the recipe's training or evaluation processors."""
@@ -125,7 +275,7 @@ class HFRunner:
     def _prepare_training(self) -> None:
         """The optimizer (LAVIS's parameter groups), the model and optimizer under accelerate, the loader."""
         decay, no_decay = [], []
-        for name, parameter in self.criterion.named_parameters():
+        for name, parameter in self.objective.named_parameters():
             if parameter.requires_grad:
                 plain = parameter.ndim < 2 or any(part in name for part in ("bias", "ln", "bn"))
                 (no_decay if plain else decay).append(parameter)
@@ -133,7 +283,7 @@ class HFRunner:
         optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": float(run.weight_decay)},
                                        {"params": no_decay, "weight_decay": 0.0}], lr=float(run.init_lr),
                                       weight_decay=float(run.weight_decay), betas=(0.9, float(run.beta2)))
-        self.wrapped, self.optimizer = self.accelerator.prepare(self.criterion, optimizer)
+        self.wrapped, self.optimizer = self.accelerator.prepare(self.objective, optimizer)
         datasets = [self._dataset(split, train=True) for split in run.train_splits]
         dataset = datasets[0] if len(datasets) == 1 else torch.utils.data.ConcatDataset(datasets)
         self.sampler = DistributedSampler(dataset, num_replicas=self.accelerator.num_processes,
@@ -189,24 +339,51 @@ class HFRunner:
             torch.distributed.broadcast_object_list(shared, src=0)
             self.best_epoch, self.best_agg_metric = shared
 
-    def _train_epoch(self, epoch: int) -> dict[str, float]:
-        """One epoch of steps; the mean loss over the steps of every process, and the last learning rate."""
+    def _train_epoch(self, epoch: int) -> dict[str, Any]:
+        """One epoch of steps; the mean loss over the steps of every process, and the last learning rate; with
+        distillation also the epoch's stage and the mean of each loss part (``train_<part>``)."""
         self.sampler.set_epoch(epoch)
         self.wrapped.train()
+        stage = self._set_stage(epoch)
         device, total, lr = self.accelerator.device, torch.zeros((), device=self.accelerator.device), 0.0
-        steps = tqdm(self.loader, desc=f"epoch {epoch}", disable=not self.progress, leave=False, dynamic_ncols=True)
+        sums: dict[str, float] = {}
+        desc = f"epoch {epoch}" + (f" ({stage.name})" if stage else "")
+        steps = tqdm(self.loader, desc=desc, disable=not self.progress, leave=False, dynamic_ncols=True)
         for step, batch in enumerate(steps):
             lr = learning_rate(self.run_cfg, epoch, step)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
-            loss = self.wrapped(**{k: v.to(device) for k, v in batch.items()}).loss
+            output = self.wrapped(**{k: v.to(device) for k, v in batch.items()})
+            loss = output.loss
             self.accelerator.backward(loss)
+            if stage is not None and not stage.trains_adapter:
+                for parameter in self.align_frozen:  # AdamW skips a tensor without a gradient: no step, no decay
+                    parameter.grad = None
             self.optimizer.step()
             self.optimizer.zero_grad()
             total += loss.detach().float()
+            for name, value in (getattr(output, "parts", None) or {}).items():
+                sums[name] = sums.get(name, 0.0) + value
             steps.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.2e}")
-        mean = self.accelerator.reduce(total / max(len(self.loader), 1), "mean")
-        return {"train_loss": float(mean), "train_lr": lr}
+        steps_run = max(len(self.loader), 1)
+        mean = self.accelerator.reduce(total / steps_run, "mean")
+        row: dict[str, Any] = {"train_loss": float(mean), "train_lr": lr}
+        if stage is not None:
+            names = [name for name in ("task", *PARTS, "distill") if name in sums]  # the same on every process
+            means = self.accelerator.reduce(torch.tensor([sums[name] / steps_run for name in names],
+                                                         dtype=torch.float64, device=device), "mean")
+            row["train_stage"] = stage.name
+            row.update({f"train_{name}": float(value) for name, value in zip(names, means.tolist())})
+        return row
+
+    def _set_stage(self, epoch: int) -> Stage | None:
+        """The epoch's stage, set on the distillation loss (None without distillation). A function of the epoch
+        only, so a resumed run continues in the stage the uninterrupted one would be in."""
+        if self.stages is None:
+            return None
+        stage = self.stages[epoch]
+        self.objective.stage = stage
+        return stage
 
     def _evaluate(self, split: str) -> dict[str, float]:
         """A split's metrics (main process; the others get {} at once and wait at the next barrier)."""

@@ -3,12 +3,14 @@
 A recipe names the task (``run.task``: retrieval or vqa), the transformers BLIP checkpoint to start from
 (``model.pretrained``: a directory written by ``save_pretrained``), the data in the same ``datasets:`` form as
 the LAVIS recipes (Flickr30k, COCO Karpathy, VQAv2 annotation files; ``build_info`` is required, since there
-are no LAVIS defaults to fall back on) and the ``aurora:`` adapter. Every key is checked as the LAVIS
+are no LAVIS defaults to fall back on), the ``aurora:`` adapter and, optionally, ``distill:`` (a teacher and
+the distillation losses and stages, ``aurora_pet.distill.DistillConfig``). Every key is checked as the LAVIS
 recipes' are: a typo stops the run with the closest valid name (``recipe.unknown_key``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,10 +19,16 @@ from typing import Any
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from ..config import AuroraConfig
+from ..distill import DistillConfig
+from ..errors import AuroraConfigError
 from .data import ENTRY_SCHEMAS
-from .recipe import (FAMILY_KEY, SECTIONS, RecipeError, aurora_key_problems, aurora_section, check_run_values,
+from .recipe import SECTIONS as LAVIS_SECTIONS
+from .recipe import (FAMILY_KEY, RecipeError, aurora_key_problems, aurora_section, check_run_values,
                      dataset_key_problems, parsed_family, read_recipe, unknown_key, unknown_name)
 
+DISTILL_KEY = "distill"  # optional section: the teacher and the distillation losses (DistillConfig's fields)
+SECTIONS = tuple(dict.fromkeys((*LAVIS_SECTIONS, DISTILL_KEY)))
+DISTILL_KEYS = tuple(f.name for f in dataclasses.fields(DistillConfig))
 TASKS = {"retrieval": ("BlipForImageTextRetrieval", ("flickr30k", "coco_retrieval")),
          "vqa": ("BlipForQuestionAnswering", ("coco_vqa",))}  # task: (transformers class, dataset builders)
 ARCHITECTURES = {"retrieval": "hf_blip_retrieval", "vqa": "hf_blip_vqa"}  # the family's preset architectures
@@ -31,6 +39,9 @@ MODEL_DEFAULTS: dict[str, Any] = {
     "temperature": 0.07,  # retrieval: initial learnable ITC temperature
     "enc_token": None,  # first token of texts read with the image (retrieval's ITM, VQA's questions): BLIP's and
     # LAVIS's "[ENC]"; None keeps transformers' [CLS]
+    "alpha": 0.0,  # retrieval: momentum distillation's weight of the soft ITC targets (LAVIS: 0.4; 0: off)
+    "momentum": 0.995,  # retrieval: EMA of the momentum model (with alpha > 0)
+    "negative_all_rank": False,  # retrieval: ITC keys and ITM hard negatives from every process (LAVIS's option)
 }
 SOURCE_KEYS = ("pretrained",)  # where the model comes from, not what it is: a resumed run may change them
 REQUIRED_RUN_KEYS = ("task", "output_dir", "init_lr", "max_epoch", "batch_size_train")
@@ -63,6 +74,7 @@ class HFRecipe:
     aurora: AuroraConfig | None  # None: no `aurora:` section, every weight trains (full fine-tuning)
     adapter: str | None = None  # an adapter directory to load before training or evaluation
     raw: dict[str, Any] = field(default_factory=dict)
+    distill: DistillConfig | None = None  # the `distill:` section; None: no distillation
 
     @property
     def task(self) -> str:
@@ -78,9 +90,12 @@ class HFRecipe:
 
     def fingerprint(self) -> dict[str, Any]:
         """What a checkpoint must agree with to be resumed: the adapter and the model it adapts."""
-        return {"aurora": self.aurora.to_dict() if self.aurora else None,
-                "model": {"family": "hf", "class": self.model_class,
-                          **{k: v for k, v in self.model.items() if k not in SOURCE_KEYS}}}
+        fingerprint = {"aurora": self.aurora.to_dict() if self.aurora else None,
+                       "model": {"family": "hf", "class": self.model_class,
+                                 **{k: v for k, v in self.model.items() if k not in SOURCE_KEYS}}}
+        if self.distill is not None:  # the losses and stages; the teacher's path, like model.pretrained, may move
+            fingerprint["distill"] = {k: v for k, v in dataclasses.asdict(self.distill).items() if k != "teacher"}
+        return fingerprint
 
 
 def load_hf_recipe(cfg_path: str | Path, options: Sequence[str] | None = None) -> HFRecipe:
@@ -103,8 +118,26 @@ def load_hf_recipe(cfg_path: str | Path, options: Sequence[str] | None = None) -
                           f"{TASKS[run.task][0]} written by save_pretrained (see recipes/README.md)")
     datasets = _datasets(merged.datasets, str(run.task), str(path))
     aurora, adapter = aurora_section(merged, ARCHITECTURES[run.task])
+    distill = _distill(merged, run, str(path))
     return HFRecipe(path=path, options=options, model=model, datasets=datasets, run_cfg=run, aurora=aurora,
-                    adapter=adapter, raw=OmegaConf.to_container(merged, resolve=True))
+                    adapter=adapter, raw=OmegaConf.to_container(merged, resolve=True), distill=distill)
+
+
+def _distill(merged: DictConfig, run: DictConfig, source: str) -> DistillConfig | None:
+    """The ``distill:`` section as a checked ``DistillConfig`` (its stages fitting ``run.max_epoch``), or None."""
+    if DISTILL_KEY not in merged:
+        return None
+    section = merged.get(DISTILL_KEY)
+    if not isinstance(section, DictConfig) or not section:
+        raise RecipeError(f"{source}: the distill: section must be a mapping with at least distill.teacher (the "
+                          f"directory of the teacher model), got {section!r}; leave it out to train without a "
+                          "teacher")
+    try:
+        config = DistillConfig.from_mapping(OmegaConf.to_container(section, resolve=True))
+        config.schedule(int(run.max_epoch))
+    except AuroraConfigError as error:
+        raise RecipeError(f"{source}: {error}") from None
+    return config
 
 
 def _check_keys(node: DictConfig, source: str) -> None:
@@ -115,6 +148,9 @@ def _check_keys(node: DictConfig, source: str) -> None:
         if isinstance(value, DictConfig):
             problems += [unknown_key(f"{section}.{k}", k, known) for k in value if k not in known]
     problems += aurora_key_problems(node)
+    distill = node.get(DISTILL_KEY)
+    if isinstance(distill, DictConfig):
+        problems += [unknown_key(f"{DISTILL_KEY}.{k}", k, DISTILL_KEYS) for k in distill if k not in DISTILL_KEYS]
     datasets = node.get("datasets")
     if isinstance(datasets, DictConfig):
         problems += dataset_key_problems(datasets, ENTRY_SCHEMAS)

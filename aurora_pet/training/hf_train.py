@@ -3,8 +3,8 @@
 The steps: recipe → accelerate (process group, device, mixed precision) → the output directory locked and
 the checkpoint to resume chosen (``trainer``'s rules, shared) → seeds → the data read and checked up front
 (``data.read_datasets``, ``check_split_sizes``: the same errors as the LAVIS recipes) → the model
-(``hf_model``) → ``HFRunner.run()`` (``hf_loop``). Runs in this process, or in each process of a ``torchrun`` /
-``accelerate launch`` launch.
+(``hf_model``) and, with a ``distill:`` section, its teacher → ``HFRunner.run()`` (``hf_loop``). Runs in this
+process, or in each process of a ``torchrun`` / ``accelerate launch`` launch.
 """
 
 from __future__ import annotations
@@ -29,20 +29,33 @@ __all__ = ["train"]
 
 
 def train(cfg_path: str | Path, options: Sequence[str] | None = None, *, resume: bool = False, quiet: bool = False,
-          epoch_callback: Callable[[dict[str, Any], int], None] | None = None) -> TrainResult:
+          epoch_callback: Callable[[dict[str, Any], int], None] | None = None,
+          teacher: torch.nn.Module | None = None) -> TrainResult:
     """Train (and evaluate) one hf recipe; ``resume`` continues from the run's latest checkpoint.
 
     ``quiet`` leaves out the parameter table and the summary; ``epoch_callback(row, max_epoch)`` is called on
-    the main process after each epoch with its metrics. Raises ``RecipeError`` / ``DataError`` /
-    ``ResumeError`` naming the offending key, file or difference before anything is trained or written.
-    The caller's RNG states are as they were afterwards.
+    the main process after each epoch with its metrics. ``teacher`` is the teacher model of a ``distill:``
+    section whose ``teacher`` is null (a model built in memory); otherwise the teacher is loaded from
+    ``distill.teacher``. Raises ``RecipeError`` / ``DataError`` / ``ResumeError`` naming the offending key,
+    file or difference before anything is trained or written. The caller's RNG states are as they were
+    afterwards.
     """
     from accelerate.utils import set_seed
 
     from .hf_loop import HFRunner
-    from .hf_model import load_model
+    from .hf_model import check_source, load_model, load_teacher
 
     recipe = load_hf_recipe(cfg_path, options)
+    distilling = recipe.distill is not None and not recipe.run_cfg.evaluate
+    if distilling:  # a missing or wrong teacher stops the run before the output directory is touched
+        if teacher is not None and recipe.distill.teacher:
+            raise RecipeError(f"{recipe.path}: distill.teacher={recipe.distill.teacher} and a teacher model were "
+                              "both given; set distill.teacher to null to use the model passed in")
+        if teacher is None and not recipe.distill.teacher:
+            raise RecipeError(f"{recipe.path}: distill.teacher is required: the directory of the teacher "
+                              f"{recipe.model_class} written by save_pretrained, with its processor")
+        if teacher is None:
+            check_source(recipe.distill.teacher, recipe.model_class, "distill.teacher")
     run_cfg = recipe.run_cfg
     output_dir = Path(str(run_cfg.output_dir)).expanduser().absolute()
     run_cfg.output_dir = str(output_dir)
@@ -54,13 +67,15 @@ def train(cfg_path: str | Path, options: Sequence[str] | None = None, *, resume:
         set_seed(int(run_cfg.seed) + accelerator.process_index)
         splits = main_process_result(lambda: _read_data(recipe, accelerator.num_processes))
         loaded = load_model(recipe)
+        if distilling and teacher is None:
+            teacher = load_teacher(recipe, loaded)
         if recipe.adapter:
             loaded.model.load_adapter(Path(recipe.adapter))
             if main:
                 print(f"loaded the adapter {recipe.adapter}")
         report = _report(loaded.model, quiet or not main)
         runner = HFRunner(recipe, loaded, splits, accelerator, resume_from=resume_from,
-                          title=f"{recipe.path.stem}: {recipe.model_class}")
+                          title=f"{recipe.path.stem}: {recipe.model_class}", teacher=teacher if distilling else None)
         runner.epoch_callback = epoch_callback
         if main:
             (output_dir / "recipe.yaml").write_text(_dump(recipe.raw))

@@ -6,13 +6,17 @@ from __future__ import annotations
 
 import copy
 import math
+from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from aurora_pet import AuroraConfig, get_aurora_model
+from aurora_pet.errors import MergeError
 from aurora_pet.families.hf.build import build_blip
-from aurora_pet.families.hf.retrieval import TEMPERATURE_RANGE, BlipRetrievalLoss, sample_hard_negatives
+from aurora_pet.families.hf.retrieval import (TEMPERATURE_RANGE, BlipRetrievalLoss, itm_logits,
+                                              sample_hard_negatives)
 from aurora_pet.families.hf.retrieval_eval import evaluate_retrieval, retrieval_metrics, retrieval_scores
 
 from .conftest import perturb, pixels, text_batch
@@ -268,3 +272,256 @@ def test_evaluation_refuses_bad_arguments(model, tokenizer):
         retrieval_metrics(torch.zeros(4, 3), torch.zeros(3, 4), [0, 1, 2])
     with pytest.raises(ValueError, match="image index 4, outside"):
         retrieval_metrics(torch.zeros(4, 3), torch.zeros(3, 4), [0, 1, 4])
+
+
+# -- momentum distillation ------------------------------------------------------------------------
+
+def features(parts, batch):
+    """v and t written out from the parts' own modules (the brute-force side of the momentum tests)."""
+    image = parts.vision_model(pixel_values=batch["pixel_values"]).last_hidden_state[:, 0]
+    text = parts.text_encoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    return F.normalize(parts.vision_proj(image), dim=-1), F.normalize(parts.text_proj(text[:, 0]), dim=-1)
+
+
+def shake(module, scale: float = 0.05, seed: int = 3) -> None:
+    """Move a momentum copy away from the online model, so that using the wrong one shows."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in module.parameters():
+            parameter.add_(scale * torch.randn(parameter.shape, generator=generator))
+
+
+def distilled_rows(v, t, v_m, t_m, ids, temperature, alpha):
+    """Per-row −Σ q log softmax of both directions, element by element: keys v^m, t^m; q mixed with the
+    momentum softmax (a target: no gradient, as in LAVIS)."""
+    size = len(ids)
+    hard = torch.tensor([[float(ids[a] == ids[b]) / sum(y == ids[a] for y in ids) for b in range(size)]
+                         for a in range(size)])
+    rows = []
+    for query, keys, query_m, keys_m in ((v, t_m, v_m, t_m), (t, v_m, t_m, v_m)):
+        logits, soft = query @ keys.T / temperature, (query_m @ keys_m.T / temperature).softmax(1).detach()
+        rows.append(torch.stack([-sum((alpha * soft[a, b] + (1 - alpha) * hard[a, b]) * logits[a].log_softmax(0)[b]
+                                      for b in range(size)) for a in range(size)]))
+    return rows
+
+
+@pytest.mark.parametrize("wrapped", [False, True])
+def test_momentum_distillation_itc_equals_a_brute_force_recomputation(model, batch, wrapped):
+    if wrapped:
+        model = wrap(model, "reference", ice=True, gqt=True)  # ViT and text self-attention: ITC's path
+        perturb(model)
+    criterion = BlipRetrievalLoss(model, temperature=0.05, alpha=0.4, generator=torch.Generator().manual_seed(0))
+    criterion.eval()  # no EMA step: the momentum model is what the test set
+    shake(criterion.momentum_parts)
+    if wrapped:
+        shake(criterion.momentum_factors, scale=0.3)
+        momentum = copy.deepcopy(model)  # the momentum model written out: a second adapter copy, its factors
+        momentum.aurora_factors.load_state_dict(criterion.momentum_factors.state_dict())
+        for name, part in criterion.momentum_parts.items():
+            getattr(momentum, name).load_state_dict(part.state_dict())
+    else:
+        momentum = copy.deepcopy(model)
+        for name, part in criterion.momentum_parts.items():
+            setattr(momentum, name, part)
+    with torch.no_grad():
+        out = criterion(**batch)
+        v, t = features(model, batch)
+        v_m, t_m = features(momentum, batch)
+        image_rows, text_rows = distilled_rows(v, t, v_m, t_m, IMAGE_IDS, 0.05, 0.4)
+        torch.testing.assert_close(out.itc_logits, v @ t_m.T / 0.05, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(out.itc_text_logits, t @ v_m.T / 0.05, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(out.loss_itc, (image_rows.mean() + text_rows.mean()) / 2, rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(v_m, v, atol=1e-3) and not torch.allclose(t_m, t, atol=1e-3)
+        # the hard negatives still follow the online similarities: the same draws as without distillation
+        plain = BlipRetrievalLoss(model, temperature=0.05, generator=torch.Generator().manual_seed(0))(**batch)
+    assert torch.equal(out.negative_texts, plain.negative_texts)
+    assert torch.equal(out.negative_images, plain.negative_images)
+    torch.testing.assert_close(out.loss_itm, plain.loss_itm)
+
+
+@pytest.mark.parametrize("wrapped", [False, True])
+def test_the_momentum_model_follows_the_ema_formula_in_training_mode(model, batch, wrapped):
+    if wrapped:
+        model = wrap(model, "reference")
+    criterion = BlipRetrievalLoss(model, alpha=0.4, momentum=0.9).train()
+    tracked = list(criterion.momentum_parts.parameters())
+    online = [p for name in criterion.momentum_parts for p in getattr(model, name).parameters()]
+    if wrapped:
+        tracked += list(criterion.momentum_factors.parameters())
+        online += list(model.aurora_factors.parameters())
+    assert tracked and len(tracked) == len(online)
+    perturb(model) if wrapped else shake(model)  # θ moves away from θ_m
+    for parameter in online:
+        if not wrapped or parameter.requires_grad:
+            with torch.no_grad():
+                parameter.add_(0.1)
+    before, now = [p.clone() for p in tracked], [p.detach().clone() for p in online]
+    criterion(**batch).loss.backward()
+    for m_after, m_before, theta in zip(tracked, before, now):
+        torch.testing.assert_close(m_after, 0.9 * m_before + 0.1 * theta, rtol=1e-6, atol=1e-7)
+    assert not any(p.requires_grad or p.grad is not None for p in tracked)
+    criterion.eval()
+    again = [p.clone() for p in tracked]
+    with torch.no_grad():
+        criterion(**batch)
+    assert all(torch.equal(a, b) for a, b in zip(again, tracked))  # evaluation does not step the EMA
+
+
+def test_alpha_zero_is_the_plain_loss_and_builds_no_momentum_model(model, batch):
+    reference = BlipRetrievalLoss(model, generator=torch.Generator().manual_seed(4))(**batch)
+    criterion = BlipRetrievalLoss(model, alpha=0.0, momentum=0.5, negative_all_rank=True,  # no process group
+                                  generator=torch.Generator().manual_seed(4))
+    out = criterion(**batch)
+    assert sum(p.numel() for p in criterion.parameters()) == sum(p.numel() for p in model.parameters()) + 1
+    for key in ("loss", "loss_itc", "loss_itm", "itc_logits", "itm_logits", "negative_texts", "negative_images"):
+        assert torch.equal(out[key], reference[key]), key
+    assert out.itc_text_logits is None
+
+
+def test_an_aurora_model_gets_momentum_factors_and_heads_not_a_base_copy(model, batch):
+    aurora = wrap(model, "reference", ice=True, gqt=True)  # factors on ITC's path (ViT, text self-attention)
+    perturb(aurora)
+    size = sum(p.numel() for p in aurora.parameters())
+    criterion = BlipRetrievalLoss(aurora, alpha=0.4)
+    heads = sum(p.numel() for name in ("vision_proj", "text_proj") for p in getattr(aurora, name).parameters())
+    assert set(criterion.momentum_parts) == {"vision_proj", "text_proj"}
+    assert sum(p.numel() for p in criterion.parameters()) == size + 1 + aurora.aurora_factors.num_parameters() + heads
+    assert aurora.aurora_factors_m is None  # the adapter (and its files) stay as they were
+    shake(criterion.momentum_factors, scale=0.3)
+    criterion.eval()
+    with torch.no_grad():
+        online = features(aurora, batch)
+        v_m, t_m = criterion.momentum_features(batch["pixel_values"], batch["input_ids"], batch["attention_mask"])
+        with aurora.use_factors(criterion.momentum_factors):  # the momentum factors, the online heads
+            swapped = features(aurora, batch)
+        assert torch.equal(features(aurora, batch)[0], online[0])  # swapped back
+        own_heads = BlipRetrievalLoss(aurora, alpha=0.4).eval()
+        own_heads.momentum_factors.load_state_dict(criterion.momentum_factors.state_dict())
+        same_heads = own_heads.momentum_features(batch["pixel_values"], batch["input_ids"], batch["attention_mask"])
+    torch.testing.assert_close(same_heads[0], swapped[0])
+    torch.testing.assert_close(same_heads[1], swapped[1])
+    assert not torch.allclose(swapped[0], online[0], atol=1e-3)  # the factors took part
+    shake(criterion.momentum_parts)  # and the momentum heads do too
+    with torch.no_grad():
+        moved = criterion.momentum_features(batch["pixel_values"], batch["input_ids"], batch["attention_mask"])
+    assert not torch.allclose(moved[0], v_m, atol=1e-3)
+
+
+def test_use_factors_checks_the_layout_and_the_merge(model):
+    aurora = wrap(model)
+    other = wrap(build_blip("retrieval", "tiny"), rank=2)
+    with pytest.raises(ValueError, match="use_factors needs a ModeFactors with the layout of adapter 'default'"):
+        with aurora.use_factors(other.aurora_factors):
+            pass
+    aurora.merge()
+    with pytest.raises(MergeError, match="merged"):
+        with aurora.use_factors(copy.deepcopy(aurora.aurora_factors)):
+            pass
+
+
+def test_bad_momentum_options_are_named(model, batch):
+    with pytest.raises(ValueError, match=r"alpha .* must be in \[0, 1\], got 1.5"):
+        BlipRetrievalLoss(model, alpha=1.5)
+    with pytest.raises(ValueError, match=r"alpha .* must be in \[0, 1\], got -0.1"):
+        BlipRetrievalLoss(model, alpha=-0.1)
+    with pytest.raises(ValueError, match=r"momentum must be in \[0, 1\).*got 1.0"):
+        BlipRetrievalLoss(model, alpha=0.4, momentum=1.0)
+    with pytest.raises(ValueError, match=r"alpha of a call must be in \[0, 0.4\].*got 0.5"):
+        BlipRetrievalLoss(model, alpha=0.4)(**batch, alpha=0.5)
+
+
+# -- across ranks ---------------------------------------------------------------------------------
+
+RANK_IDS = [0, 0, 1, 2, 2, 3, 3, 4]  # two ranks of four pairs; image 2 on both
+RANK_CAPTIONS = CAPTIONS + ["a blue star", "the yellow triangle and a large red circle on the right side"]
+WORLD, PER_RANK = 2, 4
+
+
+def rank_batch(tokenizer):
+    views = pixels(5, TINY_IMAGE)[RANK_IDS] + 0.3 * pixels(len(RANK_IDS), TINY_IMAGE, seed=1)
+    return {**text_batch(tokenizer, RANK_CAPTIONS), "pixel_values": views, "image_ids": torch.tensor(RANK_IDS)}
+
+
+def _distributed_worker(rank: int, directory: str) -> None:
+    """One rank of the gloo group: its half of the batch (its captions only padded to its own longest), the
+    loss with negative_all_rank, and the gradient averaged over the ranks as DDP does."""
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{directory}/rendezvous", rank=rank, world_size=WORLD)
+    try:
+        inputs = torch.load(Path(directory) / "inputs.pt")
+        part = slice(rank * PER_RANK, (rank + 1) * PER_RANK)
+        local = {key: value[part] for key, value in inputs["batch"].items()}
+        length = int(local["attention_mask"].sum(1).max())
+        for key in ("input_ids", "attention_mask"):
+            local[key] = local[key][:, :length]
+        results = {}
+        for alpha in (0.0, 0.4):
+            model = build_blip("retrieval", "tiny")
+            model.load_state_dict(inputs["model"])
+            criterion = BlipRetrievalLoss(model, temperature=0.05, alpha=alpha, negative_all_rank=True,
+                                          generator=torch.Generator().manual_seed(rank)).eval()
+            if alpha:
+                criterion.momentum_parts.load_state_dict(inputs["momentum"])
+            out = criterion(**local)
+            out.loss.backward()
+            grads = {}
+            for name, parameter in criterion.named_parameters():
+                if parameter.requires_grad:
+                    dist.all_reduce(parameter.grad)
+                    grads[name] = parameter.grad / WORLD
+            results[alpha] = {"loss_itc": out.loss_itc.detach(), "loss_itm": out.loss_itm.detach(),
+                              "texts": out.negative_texts, "images": out.negative_images, "grads": grads,
+                              "length": length}
+        torch.save(results, Path(directory) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow  # two processes: about a minute, mostly start-up
+def test_negatives_across_ranks_equal_one_process_over_the_concatenated_batch(tokenizer, tmp_path):
+    import torch.multiprocessing as mp
+
+    model = build_blip("retrieval", "tiny").eval()
+    full = rank_batch(tokenizer)
+    momentum = BlipRetrievalLoss(model, alpha=0.4).momentum_parts
+    shake(momentum)
+    torch.save({"model": model.state_dict(), "batch": full, "momentum": momentum.state_dict()}, tmp_path / "inputs.pt")
+    mp.spawn(_distributed_worker, args=(str(tmp_path),), nprocs=WORLD, join=True)
+    ranks = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(WORLD)]
+    assert ranks[0][0.0]["length"] != ranks[1][0.0]["length"]  # the ranks' captions were padded differently
+    for alpha in (0.0, 0.4):
+        criterion = BlipRetrievalLoss(model, temperature=0.05, alpha=alpha).eval()
+        if alpha:
+            criterion.momentum_parts.load_state_dict(momentum.state_dict())
+        embeds = model.vision_model(pixel_values=full["pixel_values"]).last_hidden_state
+        v, t = features(model, full)
+        if alpha:
+            with torch.no_grad():
+                v_m, t_m = features(criterion.momentum_parts, full)
+        else:  # keys are the online features of every rank, with their gradient; q the hard targets
+            v_m, t_m = v, t
+        image_rows, text_rows = distilled_rows(v, t, v_m, t_m, RANK_IDS, criterion.temp, alpha)
+        total = 0.0
+        for rank, result in enumerate(ranks):
+            result = result[alpha]
+            rows = list(range(rank * PER_RANK, (rank + 1) * PER_RANK))
+            texts, images = result["texts"].tolist(), result["images"].tolist()
+            assert all(RANK_IDS[n] != RANK_IDS[k] for k, n in zip(rows, images))
+            assert all(RANK_IDS[m] != RANK_IDS[k] for k, m in zip(rows, texts))
+            loss_itc = (image_rows[rows].mean() + text_rows[rows].mean()) / 2
+            pairs = [(k, k) for k in rows] + list(zip(rows, images)) + list(zip(texts, rows))  # (caption, image)
+            captions, pictures = [c for c, _ in pairs], [i for _, i in pairs]
+            logits = itm_logits(model, embeds[pictures], full["input_ids"][captions], full["attention_mask"][captions])
+            labels = torch.tensor([1] * PER_RANK + [0] * 2 * PER_RANK)
+            loss_itm = F.cross_entropy(logits, labels)
+            torch.testing.assert_close(result["loss_itc"], loss_itc.detach(), rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(result["loss_itm"], loss_itm.detach(), rtol=1e-5, atol=1e-5)
+            total = total + (loss_itc + loss_itm) / WORLD
+        total.backward()
+        for name, parameter in criterion.named_parameters():
+            if parameter.requires_grad:
+                torch.testing.assert_close(ranks[0][alpha]["grads"][name], parameter.grad, rtol=1e-4, atol=1e-6,
+                                           msg=lambda m, name=name: f"{name}: {m}")
+        criterion.zero_grad()

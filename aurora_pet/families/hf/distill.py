@@ -1,7 +1,7 @@
-"""Retrieval distillation for transformers' `BlipForImageTextRetrieval`: what the teacher and the student
-answer on one batch, and the terms of `aurora_pet.distill` between them.
+"""Distillation for transformers' BLIP (`BlipForImageTextRetrieval`, `BlipForQuestionAnswering`): what the
+teacher and the student answer on one batch, and the terms of `aurora_pet.distill` between them.
 
-Each model gives, with the features of `families.hf.retrieval`::
+Retrieval: each model gives, with the features of `families.hf.retrieval`::
 
     S      = v tᵀ                                   ITC cosine similarities, (B, B), image rows
     z_k    = itm_head(h_k[0])                       ITM logits of pair k = (caption c_k, image i_k), (P, 2)
@@ -10,7 +10,18 @@ Each model gives, with the features of `families.hf.retrieval`::
 and the terms are `itc_distillation(S^S, S^T, τ_S, τ_T)`, `itm_distillation(z^S, z^T, τ)` and
 `relation_distillation(h^S, h^T, caption mask)`. The ITM pairs are the B positives followed, when given, by
 `BlipRetrievalLoss`'s hard negatives (its `negative_images`, `negative_texts`), so the student is distilled on
-the very pairs its supervised ITM loss sees. The teacher runs without gradient; keep it in `eval()` mode.
+the very pairs its supervised ITM loss sees.
+
+VQA, with the model's own answer loss (`labels`, teacher forcing)::
+
+    q      = text_encoder(question, encoder_hidden_states=E)      multimodal question tokens, (B, L_q, D)
+    z_bl   = text_decoder(answer_<l, encoder_hidden_states=q)     logits of answer token l, (B, L_a − 1, V)
+
+and the terms are `token_distillation(z^S, z^T, answer mask)` ("answer": the answer distributions, at the
+positions the supervised loss scores) and `relation_distillation(q^S, q^T, question mask)`. The student's
+pass also gives its supervised loss, so a training step runs the student once.
+
+The teacher runs without gradient; keep it in `eval()` mode.
 """
 
 from __future__ import annotations
@@ -20,10 +31,13 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ...distill import DistillConfig, itc_distillation, itm_distillation, relation_distillation
+from ...distill import DistillConfig, itc_distillation, itm_distillation, relation_distillation, token_distillation
 from .retrieval import check_retrieval_model, forward_scope, image_features, text_features
 
-__all__ = ["RetrievalResponses", "itm_pairs", "retrieval_distillation", "retrieval_responses"]
+__all__ = ["RetrievalResponses", "VQAResponses", "check_vqa_model", "itm_pairs", "retrieval_distillation",
+           "retrieval_responses", "vqa_distillation", "vqa_responses"]
+
+VQA_PARTS = ("vision_model", "text_encoder", "text_decoder")
 
 
 @dataclass
@@ -144,4 +158,101 @@ def retrieval_distillation(student: nn.Module, teacher: nn.Module, config: Disti
     tau_student, tau_teacher = config.itc_temperatures(student_temperature, teacher_temperature)
     return {"itc": itc_distillation(mine.similarity, theirs.similarity, tau_student, tau_teacher),
             "itm": itm_distillation(mine.itm_logits, theirs.itm_logits, config.response_temperature),
+            "relation": relation_distillation(mine.tokens, theirs.tokens, mine.token_mask)}
+
+
+# -- VQA -------------------------------------------------------------------------------------------
+
+@dataclass
+class VQAResponses:
+    """What one VQA model answers on a batch (teacher forcing on the given answers), for distillation."""
+
+    loss: torch.Tensor  # the model's own `labels` loss (the supervised VQA loss), a scalar
+    logits: torch.Tensor  # next-token logits of the answer, (B, L_a − 1, V): row l predicts answer token l + 1
+    answer_mask: torch.Tensor  # (B, L_a − 1): 1 where the supervised loss scores a token (label ≠ −100)
+    tokens: torch.Tensor  # the question encoder's output over the image, (B, L_q, D)
+    token_mask: torch.Tensor  # the questions' attention mask, (B, L_q)
+
+
+def check_vqa_model(model: nn.Module) -> None:
+    """Raise a `TypeError` naming the missing parts when `model` is no BLIP VQA model (or wrapper)."""
+    missing = [name for name in VQA_PARTS if not isinstance(getattr(model, name, None), nn.Module)]
+    if missing:
+        raise TypeError(f"{type(model).__name__} is not a BLIP VQA model: it has no {', '.join(missing)} "
+                        "(expected transformers' BlipForQuestionAnswering or an AuroraModel around one)")
+
+
+def vqa_responses(model: nn.Module, pixel_values: torch.Tensor, input_ids: torch.Tensor,
+                  attention_mask: torch.Tensor, decoder_input_ids: torch.Tensor,
+                  decoder_attention_mask: torch.Tensor, labels: torch.Tensor) -> VQAResponses:
+    """The answer loss, answer logits and multimodal question tokens of `model` on a batch.
+
+    The pass is `BlipForQuestionAnswering.forward(..., labels=labels)`'s, made of its submodules so that the
+    question encoder's tokens (which that forward discards) are kept for relation distillation.
+
+    Parameters
+    ----------
+    model : nn.Module
+        `BlipForQuestionAnswering`, or an `AuroraModel` around one.
+    pixel_values : torch.Tensor
+        Images, (B, 3, H, W).
+    input_ids, attention_mask : torch.Tensor
+        Questions, (B, L_q).
+    decoder_input_ids, decoder_attention_mask : torch.Tensor
+        Answers as decoder inputs (`[DEC]` first), (B, L_a).
+    labels : torch.Tensor
+        The answers' labels, −100 at padding, (B, L_a).
+
+    Returns
+    -------
+    VQAResponses
+    """
+    check_vqa_model(model)
+    with forward_scope(model):
+        image_embeds = model.vision_model(pixel_values=pixel_values).last_hidden_state
+        image_mask = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image_embeds.device)
+        tokens = model.text_encoder(input_ids=input_ids, attention_mask=attention_mask,
+                                    encoder_hidden_states=image_embeds,
+                                    encoder_attention_mask=image_mask).last_hidden_state
+        answer = model.text_decoder(input_ids=decoder_input_ids, attention_mask=decoder_attention_mask,
+                                    encoder_hidden_states=tokens, encoder_attention_mask=attention_mask,
+                                    labels=labels, reduction="mean")
+    return VQAResponses(loss=answer.loss.mean(), logits=answer.logits[:, :-1], answer_mask=labels[:, 1:] != -100,
+                        tokens=tokens, token_mask=attention_mask)
+
+
+def vqa_distillation(student: nn.Module, teacher: nn.Module, config: DistillConfig, pixel_values: torch.Tensor,
+                     input_ids: torch.Tensor, attention_mask: torch.Tensor, decoder_input_ids: torch.Tensor,
+                     decoder_attention_mask: torch.Tensor, labels: torch.Tensor, *,
+                     student_responses: VQAResponses | None = None) -> dict[str, torch.Tensor]:
+    """The VQA distillation terms of a batch, for `DistillConfig.combine`.
+
+    Parameters
+    ----------
+    student, teacher : nn.Module
+        `BlipForQuestionAnswering` models (or `AuroraModel`s around them) with the same tokenizer; widths may
+        differ. The teacher runs under `torch.no_grad()`, on the same questions, images and answers.
+    config : DistillConfig
+        Its temperature, if set, scales the answer logits of both (else 1).
+    pixel_values, input_ids, attention_mask, decoder_input_ids, decoder_attention_mask, labels : torch.Tensor
+        The batch, as `BlipForQuestionAnswering.forward` takes it for training (see `vqa_responses`).
+    student_responses : VQAResponses, optional
+        The student's `vqa_responses` on this batch when the caller already has them (its supervised loss comes
+        from the same pass); None runs the student here.
+
+    Returns
+    -------
+    dict of str to torch.Tensor
+        "answer" (KL of the answer tokens' distributions, padding excluded) and "relation" (the question
+        tokens' self-correlations); scalars, gradients reach the student only.
+    """
+    batch = (pixel_values, input_ids, attention_mask, decoder_input_ids, decoder_attention_mask, labels)
+    mine = student_responses if student_responses is not None else vqa_responses(student, *batch)
+    with torch.no_grad():
+        theirs = vqa_responses(teacher, *batch)
+    if mine.logits.shape[-1] != theirs.logits.shape[-1]:
+        raise ValueError(f"the student's and the teacher's decoders have different vocabularies "
+                         f"({mine.logits.shape[-1]} and {theirs.logits.shape[-1]} tokens): answer distillation "
+                         "needs one tokenizer")
+    return {"answer": token_distillation(mine.logits, theirs.logits, mine.answer_mask, config.response_temperature),
             "relation": relation_distillation(mine.tokens, theirs.tokens, mine.token_mask)}
