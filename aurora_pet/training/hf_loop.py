@@ -201,6 +201,7 @@ class HFRunner:
         self.plot_path: Path | None = None
         self.epoch_callback: Callable[[dict[str, Any], int], None] | None = None  # main process, each epoch's row
         self.criterion = self._criterion()
+        self.alpha = float(getattr(self.criterion, "alpha", 0.0))  # momentum distillation's α (retrieval)
         # what trains: the task loss, or the task loss under distillation (see _objective)
         self.stages: list[Stage] | None = None  # the stage of each epoch, with distillation
         self.align_frozen: list[nn.Parameter] = []  # what gets no update in align epochs: the adapter
@@ -353,7 +354,10 @@ class HFRunner:
             lr = learning_rate(self.run_cfg, epoch, step)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
-            output = self.wrapped(**{k: v.to(device) for k, v in batch.items()})
+            inputs = {k: v.to(device) for k, v in batch.items()}
+            if self.alpha > 0:  # LAVIS's ramp of the momentum-distillation weight over the first two epochs
+                inputs["alpha"] = self.alpha * min(1.0, (epoch * len(self.loader) + step) / (2 * len(self.loader)))
+            output = self.wrapped(**inputs)
             loss = output.loss
             self.accelerator.backward(loss)
             if stage is not None and not stage.trains_adapter:

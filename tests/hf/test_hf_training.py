@@ -194,6 +194,23 @@ def test_learning_rate_follows_lavis_linear_warmup_cosine():
     assert learning_rate(OmegaConf.merge(run, {"warmup_lr": -1}), 0, 0) == 1e-3  # LAVIS: no warmup
 
 
+def test_momentum_distillation_weight_ramps_up_over_two_epochs_as_lavis(tmp_path, flickr, models, monkeypatch):
+    """α_step = α · min(1, (epoch · n + step) / 2n) with n steps per epoch (LAVIS's `_rampup_factor`)."""
+    from aurora_pet.families.hf.retrieval import BlipRetrievalLoss
+
+    seen, forward = [], BlipRetrievalLoss.forward
+
+    def recording(self, *args, alpha=None, **kwargs):
+        seen.append(alpha)
+        return forward(self, *args, alpha=alpha, **kwargs)
+
+    monkeypatch.setattr(BlipRetrievalLoss, "forward", recording)
+    train(RECIPES / "hf_retrieval_flickr30k.yaml",
+          [*options(flickr, models, tmp_path / "run", epochs=3), "model.alpha=0.4"], quiet=True)
+    n = len(seen) // 3
+    assert n >= 1 and seen == pytest.approx([0.4 * min(1.0, i / (2 * n)) for i in range(3 * n)])
+
+
 @pytest.mark.parametrize("inference", ["rank", "generate"])
 def test_vqa_recipe_end_to_end(tmp_path, models, inference):
     written = write_vqa_dataset(tmp_path / "data", n_train=8, n_val=4, n_test=4, image_size=IMAGE_SIZE,
