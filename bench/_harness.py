@@ -17,6 +17,14 @@ Methods (``Method.kind``):
               twins must carry the same LoRA parameters — they then follow an EMA of the online LoRA, as
               Aurora's momentum factors do). The heads train as for Aurora.
 - ``full``    every online parameter trains (the momentum copies stay frozen, as in LAVIS).
+
+``inject_peft`` installs peft's LoRA or VeRA on the same targets (and twins) in place, leaving the LAVIS model
+a LAVIS model: the learning benchmark trains it through the recipes' trainer.
+
+Devices (``make_device``): ``CpuDevice`` and ``CudaDevice`` share one small interface — ``timed(run)``
+(seconds per clock), ``autocast()``, ``allocated()`` / ``reset_peak()`` / ``peak()`` for the memory pass,
+``release()`` — and say through class attributes how their results are keyed and labelled, so a benchmark
+picks its device once and has no branches on it.
 """
 
 from __future__ import annotations
@@ -28,6 +36,7 @@ import io
 import os
 import re
 import statistics
+import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -146,7 +155,7 @@ def _setup_aurora(model: nn.Module, method: Method, opts: dict[str, Any]) -> Act
         generator = torch.Generator().manual_seed(1)
         with torch.no_grad():
             for parameter in list(aurora.aurora_factors.parameters()) + list(aurora.aurora_fusion.parameters()):
-                parameter.add_(0.02 * torch.randn(parameter.shape, generator=generator))
+                parameter.add_(0.02 * torch.randn(parameter.shape, generator=generator).to(parameter.device))
     if merged:
         aurora.merge()
     trainable = [p for p in aurora.parameters() if p.requires_grad]
@@ -197,6 +206,56 @@ def _setup_lora(model: nn.Module, method: Method, opts: dict[str, Any]) -> Activ
         _freeze(model)
 
     return Active(method, peft_model, trainable, teardown, peft=peft_model)
+
+
+def inject_peft(model: nn.Module, kind: str = "lora", *, preset: str = "cross-attention", rank: int = 8,
+                alpha: float | None = None, dropout: float = 0.0, prng_key: int = 0) -> int:
+    """peft LoRA (``kind="lora"``) or VeRA (``kind="vera"``) on Aurora's targets of `preset`, in place, with
+    peft's ``inject_adapter_in_model`` (the model stays the LAVIS model, as the recipes' trainer needs).
+
+    The momentum twins get the same adapter, frozen, starting as copies (LAVIS zips online and momentum
+    parameters by position, so they then follow an EMA of the online one). LoRA: ``lora_alpha = alpha or
+    2·rank``. VeRA (Kopiczko et al. 2024): frozen random ``A ∈ R^{rank×d_in}``, ``B ∈ R^{d_out×rank}``
+    shared by every target (peft slices them from the largest shape, drawn from ``prng_key``) and trainable
+    scaling vectors ``d ∈ R^rank`` (``vera_lambda_d``, initialised to 0.1) and ``b ∈ R^{d_out}``
+    (``vera_lambda_b``, zero), ``ΔW = diag(b) B diag(d) A``. Every other parameter is frozen (the caller
+    enables heads). Returns the online adapter's trainable count."""
+    from peft import LoraConfig, VeraConfig, inject_adapter_in_model
+
+    online, twins = lora_targets(model, preset)
+    if kind == "lora":
+        config = LoraConfig(r=rank, lora_alpha=alpha or 2 * rank, lora_dropout=dropout,
+                            target_modules=online + twins)
+        marker = "lora_"
+    elif kind == "vera":
+        config = VeraConfig(r=rank, vera_dropout=dropout, projection_prng_key=prng_key, save_projection=False,
+                            target_modules=online + twins)
+        marker = "vera_lambda_"
+    else:
+        raise ValueError(f"unknown peft method {kind!r} (lora | vera)")
+    inject_adapter_in_model(config, model)
+    model.requires_grad_(False)
+    params = dict(model.named_parameters())
+    pairs = dict(zip(online, twins)) if len(online) == len(twins) else {}
+    total = 0
+    for name, parameter in params.items():
+        source = next((t for t in online if name.startswith(t + ".")), None)
+        if marker not in name or source is None:
+            continue
+        parameter.requires_grad_(True)
+        total += parameter.numel()
+        if source in pairs:
+            with torch.no_grad():
+                params[pairs[source] + name[len(source):]].copy_(parameter)
+    return total
+
+
+def vera_rank_for(model: nn.Module, count: int, preset: str = "cross-attention") -> int:
+    """VeRA's rank whose trainable count on `preset`'s targets, Σ (rank + d_out), is closest to `count`."""
+    online, _ = lora_targets(model, preset)
+    modules = dict(model.named_modules())
+    outputs = sum(modules[name].out_features for name in online)
+    return max(1, round((count - outputs) / len(online)))
 
 
 def _floor_hooks(model: nn.Module) -> list[Any]:
@@ -370,3 +429,162 @@ def machine() -> dict[str, Any]:
                 break
     return {"cpu": model, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "torch": torch.__version__, "python": platform.python_version()}
+
+
+# -- devices: how a step is timed and how its peak memory is read -----------------------------------
+
+class DeviceUnavailable(RuntimeError):
+    """The device asked for is not there (``--device cuda`` without a CUDA GPU)."""
+
+
+def to_device(value: Any, device: torch.device) -> Any:
+    """`value` with every tensor in it (a sample dict, a list) moved to `device`."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, dict):
+        return {k: to_device(v, device) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(to_device(v, device) for v in value)
+    return value
+
+
+class CpuDevice:
+    """The CPU path. A step's time is the process's CPU time (``time.process_time``) and its wall time
+    beside it, with the load other processes put on the machine meanwhile; peak memory is the kernel's
+    high-water mark of the resident set (VmHWM), reset through ``/proc/self/clear_refs``, with glibc's
+    mmap threshold fixed first (``exact_rss``) so the resident set follows live memory. fp32 only.
+
+    The class attributes say how results are keyed and labelled, so saved results render without the
+    device: ``clocks`` are the keys of the timings (the first is the one ratios and plots use),
+    ``memory_keys`` those of (peak, peak minus what was allocated before the method was installed, what
+    is allocated after the pass)."""
+
+    name = "cpu"
+    clocks = ("cpu", "wall")
+    clock_labels = ("CPU", "wall")
+    step_unit = ("s", 1.0)  # training-step columns: unit, factor from seconds
+    memory_keys = ("peak_rss", "added_rss", "resident_model")
+    memory_label = "peak RSS"
+    memory_base = "the resident model"
+    warmup = 1
+    dtypes = ("fp32",)
+
+    def __init__(self, dtype: str | None = None) -> None:
+        dtype = dtype or self.dtypes[0]
+        if dtype not in self.dtypes:
+            raise ValueError(f"--dtype {dtype} is not available on {self.name} (choose from {', '.join(self.dtypes)})")
+        self.dtype = dtype
+        self.torch_device = torch.device(self.name)
+        self.rng_devices: list[int] = []  # CUDA devices whose RNG `fork_rng` saves and restores
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()
+
+    def timed(self, run: Callable[[], Any]) -> dict[str, float]:
+        """Run `run` once; {clock: seconds, ..., "other_load": cores other processes kept busy}."""
+        counters, start_cpu, start = cpu_counters(), time.process_time(), time.perf_counter()
+        run()
+        wall = time.perf_counter() - start
+        cpu = time.process_time() - start_cpu
+        return {"cpu": cpu, "wall": wall, "other_load": other_load(counters, cpu_counters(), wall)}
+
+    def release(self) -> None:
+        release_memory()
+
+    def begin_memory_pass(self) -> None:
+        exact_rss()
+
+    def allocated(self) -> int:
+        return rss_bytes()
+
+    def reset_peak(self) -> None:
+        reset_peak_rss()
+
+    def peak(self) -> int:
+        return peak_rss_bytes()
+
+    def describe(self) -> dict[str, Any]:
+        return {}
+
+
+class CudaDevice(CpuDevice):
+    """The GPU path (one CUDA device). Model, optimiser state and samples live on the GPU; the forward runs
+    under ``torch.autocast("cuda", dtype=torch.bfloat16)`` (``dtype="bf16"``, the default) or in fp32.
+    A step's time is the GPU time between two ``torch.cuda.Event(enable_timing=True)`` recorded around it
+    (after a ``synchronize``, so no earlier work is inside; read after the end event has completed), with
+    the host's wall time to that point beside it. Peak memory is ``torch.cuda.max_memory_allocated()``
+    after ``torch.cuda.reset_peak_memory_stats()``, and "added" is the peak minus
+    ``torch.cuda.memory_allocated()`` before the method was installed (tensors only: the caching
+    allocator's reserve is not counted)."""
+
+    name = "cuda"
+    clocks = ("cuda", "cuda_wall")
+    clock_labels = ("GPU", "wall")
+    step_unit = ("ms", 1e3)
+    memory_keys = ("peak_cuda", "added_cuda", "allocated_cuda")
+    memory_label = "peak GPU"
+    memory_base = "the model on the GPU"
+    warmup = 3  # cuBLAS handles, autotuning and the caching allocator's growth fall in the first steps
+    dtypes = ("bf16", "fp32")
+
+    def __init__(self, dtype: str | None = None) -> None:
+        if not torch.cuda.is_available():
+            raise DeviceUnavailable(
+                "--device cuda needs a CUDA GPU, and torch.cuda.is_available() is False here "
+                f"(torch {torch.__version__}, built for CUDA {torch.version.cuda or 'none'}); "
+                "run without --device (the CPU path) or on a machine with a GPU (bench/gpu.sh)")
+        super().__init__(dtype)
+        index = torch.cuda.current_device()
+        self.torch_device = torch.device("cuda", index)
+        self.rng_devices = [index]
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.dtype == "bf16":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def timed(self, run: Callable[[], Any]) -> dict[str, float]:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize()
+        counters, wall_start = cpu_counters(), time.perf_counter()
+        start.record()
+        run()
+        end.record()
+        end.synchronize()
+        wall = time.perf_counter() - wall_start
+        return {"cuda": start.elapsed_time(end) / 1e3, "cuda_wall": wall,
+                "other_load": other_load(counters, cpu_counters(), wall)}
+
+    def release(self) -> None:
+        release_memory()
+        torch.cuda.synchronize()
+
+    def begin_memory_pass(self) -> None:
+        pass
+
+    def allocated(self) -> int:
+        return torch.cuda.memory_allocated()
+
+    def reset_peak(self) -> None:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+
+    def peak(self) -> int:
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated()
+
+    def describe(self) -> dict[str, Any]:
+        props = torch.cuda.get_device_properties(self.torch_device)
+        return {"gpu": props.name, "gpu_memory": props.total_memory, "cuda": torch.version.cuda,
+                "cudnn": torch.backends.cudnn.version(), "dtype": self.dtype,
+                "tf32_matmul": torch.backends.cuda.matmul.allow_tf32}
+
+
+DEVICES: dict[str, type[CpuDevice]] = {"cpu": CpuDevice, "cuda": CudaDevice}
+
+
+def make_device(name: str = "cpu", dtype: str | None = None) -> CpuDevice:
+    """The device `name` (``cpu`` | ``cuda``), chosen once; `DeviceUnavailable` if it is not there."""
+    if name not in DEVICES:
+        raise ValueError(f"unknown device {name!r} (choose from {', '.join(DEVICES)})")
+    return DEVICES[name](dtype)
