@@ -14,14 +14,15 @@ _WHERE = {
     "DataError": "data", "check_datasets": "data", "dataset_options": "data", "dataset_section": "data",
     "generated_recipe": "data", "write_recipe": "data",
     "Recipe": "recipe", "RecipeError": "recipe", "load_recipe": "recipe",
-    "TrainResult": "trainer", "train": "trainer",
+    "TrainResult": "result", "train": "trainer",
 }
 
 if TYPE_CHECKING:  # pragma: no cover
     from .run_state import CheckpointStore, ResumeError
     from .data import DataError, check_datasets, dataset_options, dataset_section, generated_recipe, write_recipe
     from .recipe import Recipe, RecipeError, load_recipe
-    from .trainer import TrainResult, train
+    from .result import TrainResult
+    from .trainer import train
 
 
 def __getattr__(name: str) -> Any:

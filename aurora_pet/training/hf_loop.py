@@ -43,7 +43,7 @@ from .hf_eval import evaluate_split
 from .hf_model import LoadedModel
 from .hf_recipe import HFRecipe
 from .recipe import RecipeError
-from .lavis_env import barrier, gather_rng_states, set_rng_state
+from .processes import barrier, gather_rng_states, set_rng_state
 from .metrics import flatten, plot_metrics, write_metrics
 
 __all__ = ["DistilledLoss", "DistilledOutput", "HFRunner", "VQALoss", "learning_rate"]

@@ -21,9 +21,9 @@ import torch.distributed as dist
 from . import run_state as ckpt
 from .data import SplitData, check_split_sizes, read_datasets
 from .hf_recipe import HFRecipe, load_hf_recipe
-from .lavis_env import main_process_result, process_state_restored
-from .recipe import RecipeError
-from .trainer import TrainResult, _claim, _dump, _print_summary, _report
+from .processes import main_process_result, process_state_restored
+from .recipe import RecipeError, recipe_yaml
+from .result import TrainResult, print_parameter_report, print_summary
 
 __all__ = ["train"]
 
@@ -63,7 +63,7 @@ def train(cfg_path: str | Path, options: Sequence[str] | None = None, *, resume:
         ckpt.check_adapter_config(Path(recipe.adapter), recipe.aurora.to_dict() if recipe.aurora else None)
     with process_state_restored(), _accelerator(run_cfg) as accelerator, contextlib.ExitStack() as held:
         main = accelerator.is_main_process
-        resume_from = main_process_result(lambda: _claim(recipe, output_dir, resume, held))
+        resume_from = main_process_result(lambda: ckpt.claim_output_dir(recipe, output_dir, resume, held))
         set_seed(int(run_cfg.seed) + accelerator.process_index)
         splits = main_process_result(lambda: _read_data(recipe, accelerator.num_processes))
         loaded = load_model(recipe)
@@ -73,18 +73,18 @@ def train(cfg_path: str | Path, options: Sequence[str] | None = None, *, resume:
             loaded.model.load_adapter(Path(recipe.adapter))
             if main:
                 print(f"loaded the adapter {recipe.adapter}")
-        report = _report(loaded.model, quiet or not main)
+        report = print_parameter_report(loaded.model, quiet or not main)
         runner = HFRunner(recipe, loaded, splits, accelerator, resume_from=resume_from,
                           title=f"{recipe.path.stem}: {recipe.model_class}", teacher=teacher if distilling else None)
         runner.epoch_callback = epoch_callback
         if main:
-            (output_dir / "recipe.yaml").write_text(_dump(recipe.raw))
+            (output_dir / "recipe.yaml").write_text(recipe_yaml(recipe.raw))
         runner.run()
         result = TrainResult(output_dir=output_dir, weights_dir=runner.final_weights, plot=runner.plot_path,
                              history=runner.history, final=runner.final, parameter_report=report,
                              model=loaded.model, resumed_from=resume_from)
     if main and not quiet:
-        _print_summary(result)
+        print_summary(result)
     return result
 
 

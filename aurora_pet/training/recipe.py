@@ -475,3 +475,7 @@ def unknown_name(label: str, value: Any, known: Iterable[str], what: str = "name
     hint = f"did you mean {close[0]!r}?" if close else f"known: {', '.join(known)}"
     return f"{label}: unknown {what} {value!r} ({hint})"
 
+
+def recipe_yaml(data: dict[str, Any]) -> str:
+    """The recipe as a run writes it next to its output (``recipe.yaml``), options applied."""
+    return OmegaConf.to_yaml(OmegaConf.create(data))

@@ -373,3 +373,54 @@ def check_adapter_config(directory: Path, current: dict[str, Any] | None) -> Non
     differences = config_differences({"aurora": saved}, {"aurora": current})
     if differences:
         raise ResumeError(f"the adapter {directory} was saved with other aurora settings: " + "; ".join(differences))
+
+
+# -- claiming a run's output directory ------------------------------------------------------------
+
+def claim_output_dir(recipe: Any, output_dir: Path, resume: bool, held: contextlib.ExitStack) -> Path | None:
+    """Lock the output directory for the run (released when ``held`` closes), remove what interrupted writes
+    left there (safe only under the lock), and return the checkpoint to resume from (main process only).
+
+    Parameters
+    ----------
+    recipe : Recipe or HFRecipe
+        The run's recipe: its ``run_cfg`` (``resume_ckpt_path``, ``evaluate``) and ``fingerprint()``.
+    output_dir : Path
+        The run's ``run.output_dir``.
+    resume : bool
+        ``--resume``: continue from the latest checkpoint there.
+    held : contextlib.ExitStack
+        Holds the lock until the run ends.
+
+    Returns
+    -------
+    Path or None
+        The checkpoint directory to resume from, checked (intact, same configuration); None to start anew.
+    """
+    held.enter_context(output_lock(output_dir))
+    CheckpointStore(output_dir).clean_temporaries()
+    return resume_source(recipe, output_dir, resume)
+
+
+def resume_source(recipe: Any, output_dir: Path, resume: bool) -> Path | None:
+    """The checkpoint to resume from; refuses to start over a run that has checkpoints (nothing is lost)."""
+    store = CheckpointStore(output_dir)
+    explicit = recipe.run_cfg.get("resume_ckpt_path")
+    if explicit:
+        source = Path(str(explicit))
+        if not source.is_dir():
+            raise RecipeError(f"run.resume_ckpt_path={source}: expected an aurora-pet checkpoint directory "
+                              "(<output_dir>/checkpoints/epoch_N); LAVIS's checkpoint_*.pth files hold no adapter")
+    elif resume:
+        source = store.latest()
+        if source is None:
+            print(f"--resume: no checkpoint in {store.root} yet; starting from the beginning")
+            return None
+    else:
+        if store.latest() is not None and not recipe.run_cfg.get("evaluate", False):
+            raise RecipeError(f"{output_dir} already holds a run (checkpoints up to {store.latest().name}); "
+                              "pass --resume to continue it, or set run.output_dir to a new directory")
+        return None
+    state = load_state(source)  # check before anything runs: intact, same configuration
+    check_fingerprint(source, state.get("fingerprint"), recipe.fingerprint())
+    return source

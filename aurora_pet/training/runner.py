@@ -42,7 +42,7 @@ from tqdm.auto import tqdm
 
 from ..model import AuroraModel
 from . import run_state as ckpt
-from .lavis_env import barrier, gather_rng_states, set_rng_state
+from .processes import barrier, gather_rng_states, set_rng_state
 from .metrics import flatten, plot_metrics, write_metrics
 
 log = logging.getLogger(__name__)

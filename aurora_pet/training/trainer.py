@@ -14,32 +14,16 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
 from . import run_state as ckpt
-from .recipe import Recipe, RecipeError, load_recipe
+from .recipe import Recipe, RecipeError, load_recipe, recipe_yaml
+from .result import TrainResult, print_parameter_report, print_summary
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class TrainResult:
-    output_dir: Path
-    weights_dir: Path | None  # the adapter (or, without aurora:, the trained weights) used for the test
-    plot: Path | None
-    history: list[dict[str, Any]]  # one row per epoch: train_loss, val_/test_ metrics
-    final: dict[str, Any] | None  # the final test metrics, "test_<name>"
-    parameter_report: dict[str, Any] | None
-    model: nn.Module = field(repr=False)  # as after the final evaluation (best weights loaded)
-    resumed_from: Path | None = None
-
-    @property
-    def main_metric(self) -> float | None:
-        return (self.final or {}).get("test_agg_metrics")
 
 
 def train(cfg_path: str | Path, options: Sequence[str] | None = None, *, resume: bool = False,
@@ -60,7 +44,8 @@ def train(cfg_path: str | Path, options: Sequence[str] | None = None, *, resume:
     from lavis.common.logger import setup_logger
     from lavis.common.registry import registry
 
-    from .lavis_env import distributed, main_process_result, process_state_restored, setup_seeds
+    from .lavis_env import distributed, setup_seeds
+    from .processes import main_process_result, process_state_restored
     from .lavis_model import build_model, build_teacher
     from .runner import AuroraRunner
 
@@ -74,7 +59,7 @@ def train(cfg_path: str | Path, options: Sequence[str] | None = None, *, resume:
         from lavis.common.dist_utils import get_world_size, is_main_process
         from lavis import tasks
 
-        resume_from = main_process_result(lambda: _claim(recipe, output_dir, resume, held))
+        resume_from = main_process_result(lambda: ckpt.claim_output_dir(recipe, output_dir, resume, held))
         setup_seeds(run_cfg)
         setup_logger()
         recipe.cfg.pretty_print()
@@ -87,7 +72,7 @@ def train(cfg_path: str | Path, options: Sequence[str] | None = None, *, resume:
             _check_queue_size(lavis_model, run_cfg, get_world_size())
         if prepare_model is not None:
             prepare_model(lavis_model)
-        report = _report(model, quiet or not main)
+        report = print_parameter_report(model, quiet or not main)
         if recipe.adapter:
             adapter = Path(recipe.adapter)
             model.load_adapter(adapter)
@@ -102,13 +87,13 @@ def train(cfg_path: str | Path, options: Sequence[str] | None = None, *, resume:
                               title=f"{recipe.path.stem}: {recipe.arch}", distiller=distiller)
         runner.epoch_callback = epoch_callback
         if main:
-            (output_dir / "recipe.yaml").write_text(_dump(recipe.raw))
+            (output_dir / "recipe.yaml").write_text(recipe_yaml(recipe.raw))
         runner.train()
         result = TrainResult(output_dir=output_dir, weights_dir=runner.final_weights, plot=runner.plot_path,
                              history=runner.history, final=runner.final, parameter_report=report,
                              model=runner.unwrap_dist_model(runner.model), resumed_from=resume_from)
     if main and not quiet:
-        _print_summary(result)
+        print_summary(result)
     return result
 
 
@@ -121,38 +106,6 @@ def _distiller(recipe: Recipe, model: nn.Module, lavis_model: nn.Module, teacher
     heads = list(model.heads.values()) if isinstance(model, AuroraModel) else []
     return Distiller(recipe.distill, teacher, lavis_model, heads, model, int(recipe.run_cfg.max_epoch),
                      log_freq=int(recipe.run_cfg.get("log_freq", 50)))
-
-
-def _claim(recipe: Recipe, output_dir: Path, resume: bool, held: contextlib.ExitStack) -> Path | None:
-    """Lock the output directory for the run (released when ``held`` closes), remove what interrupted writes
-    left there (safe only under the lock), and return the checkpoint to resume from (main process only)."""
-    held.enter_context(ckpt.output_lock(output_dir))
-    ckpt.CheckpointStore(output_dir).clean_temporaries()
-    return _resume_source(recipe, output_dir, resume)
-
-
-def _resume_source(recipe: Recipe, output_dir: Path, resume: bool) -> Path | None:
-    """The checkpoint to resume from; refuses to start over a run that has checkpoints (nothing is lost)."""
-    store = ckpt.CheckpointStore(output_dir)
-    explicit = recipe.run_cfg.get("resume_ckpt_path")
-    if explicit:
-        source = Path(str(explicit))
-        if not source.is_dir():
-            raise RecipeError(f"run.resume_ckpt_path={source}: expected an aurora-pet checkpoint directory "
-                              "(<output_dir>/checkpoints/epoch_N); LAVIS's checkpoint_*.pth files hold no adapter")
-    elif resume:
-        source = store.latest()
-        if source is None:
-            print(f"--resume: no checkpoint in {store.root} yet; starting from the beginning")
-            return None
-    else:
-        if store.latest() is not None and not recipe.run_cfg.get("evaluate", False):
-            raise RecipeError(f"{output_dir} already holds a run (checkpoints up to {store.latest().name}); "
-                              "pass --resume to continue it, or set run.output_dir to a new directory")
-        return None
-    state = ckpt.load_state(source)  # check before anything runs: intact, same configuration
-    ckpt.check_fingerprint(source, state.get("fingerprint"), recipe.fingerprint())
-    return source
 
 
 def _check_data(recipe: Recipe, cache_root: str, world_size: int) -> None:
@@ -180,34 +133,3 @@ def _check_queue_size(model: nn.Module, run_cfg, world_size: int) -> None:
                           f"use e.g. model.queue_size={max(batch, queue - queue % batch)}")
 
 
-def _report(model: nn.Module, quiet: bool) -> dict[str, Any] | None:
-    from ..model import AuroraModel
-    from ..report import format_report
-
-    if not isinstance(model, AuroraModel):
-        if not quiet:
-            trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-            print(f"full fine-tuning (no aurora: section): {trainable:,} trainable parameters")
-        return None
-    report = model.parameter_report()
-    if not quiet:
-        print(format_report(report))
-    return report
-
-
-def _dump(data: dict[str, Any]) -> str:
-    from omegaconf import OmegaConf
-
-    return OmegaConf.to_yaml(OmegaConf.create(data))
-
-
-def _print_summary(result: TrainResult) -> None:
-    print(f"output: {result.output_dir}")
-    if result.final:
-        metrics = {k: v for k, v in result.final.items() if k != "epoch"}
-        print("final evaluation (" + str(result.final.get("epoch")) + "): "
-              + ", ".join(f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()))
-    if result.weights_dir:
-        print(f"weights: {result.weights_dir}")
-    if result.plot:
-        print(f"plot: {result.plot}")
