@@ -1,63 +1,163 @@
-"""Learning efficiency: a pre-trained tiny BLIP adapted to the demo's shifted domain by each method.
+"""Learning efficiency: the demo's pre-trained tiny BLIP adapted to the shifted domain by each method.
 
 What runs: the demo's pieces (``aurora_pet.demo``) — the tiny LAVIS ``BlipRetrieval`` pre-trained on the
 generated *source* domain (shipped with the package, or cached), the generated *shifted* domain in
 Flickr30k's annotation format, the demo's adaptation settings (``ADAPT_DATA``, ``ADAPT_RUN``,
-``DEMO_AURORA``) — and the recipes' trainer (``aurora_pet.training.train``: LAVIS's runner, ITC + ITM
-training, LAVIS's retrieval evaluation with ITM re-ranking). Every method trains on the shifted training
-split for the demo's epochs and is scored on the test split after the last epoch (no per-epoch validation:
-it would cost a third of each run): R@1 in both directions and their mean, and mean recall.
+``DEMO_AURORA``: 256 training images × 5 captions, 12 epochs, batch 16) with the test split enlarged to
+96 images — and the recipes' trainer (``aurora_pet.training.train``: LAVIS's runner, ITC + ITM training,
+AdamW with the cosine schedule, LAVIS's retrieval evaluation with ITM re-ranking of the top ``k_test``).
 
-Methods, all from the same pre-trained weights:
-- ``heads``: only the task heads (``itm_head``, ``vision_proj``, ``text_proj``) train;
-- ``aurora``: the recipe's ``aurora:`` section (the demo's: cross-attention preset + the heads); a rank
-  sweep and an ICE/GQT ablation;
-- ``lora``: peft 0.13.2 LoRA injected into the same cross-attention targets (and into their momentum
-  twins, frozen, initialised as copies and following LAVIS's EMA), plus the heads; at the usual rank 8
-  and at the rank whose parameter count matches Aurora's adapter;
-- ``full``: every parameter (the recipe without an ``aurora:`` section).
-LoRA and heads-only reuse the trainer by swapping its model builder for one that installs them on the
-loaded LAVIS model (``_method_model``); everything else (data, optimiser, evaluation) is the trainer's.
+Protocol (issue 12), per method:
 
-Learning rates are fixed a priori, not tuned per method: the demo's adaptation rate for the
-parameter-efficient methods and the heads, the pre-training rate for full fine-tuning.
+1. **learning-rate sweep** on the *validation* split: one run (seed 0) at each rate of the method's grid
+   (``LR_GRIDS``: three rates, a factor 4 apart); each run is validated after every epoch and scored by its
+   best epoch's validation mean recall (R@1/5/10 in both directions); the rate with the best score wins.
+   While the winner is the grid's lowest or highest rate, the sweep goes one more factor past it (at most
+   ``--max-extend`` times, default 2), so the chosen rate is bracketed; a winner still at the edge is marked.
+   The test split plays no part in the choice.
+2. **seeds**: the chosen rate again with seeds 1, 2, ... (seed 0 is the sweep's run); the seed sets the data
+   order, dropout and the adapter's initialisation (VeRA: also its frozen random projections).
+3. **test**: every run is tested once, with the weights of its best validation epoch (the runner's
+   selection; this benchmark makes LAVIS's ``agg_metrics`` the mean recall, not image→text alone, so the
+   epoch and the rate are chosen on the same number); reported: mean ± std over the seeds of the test mean
+   recall, and the **share of full fine-tuning's gain**, ``(method − before) / (full − before)`` on those
+   means, ``before`` being the pre-trained model, unadapted.
+4. **divergence**: a run whose last epoch validates below the unadapted model (or whose loss is not finite)
+   is flagged, at any rate of the sweep; the table shows it.
 
-Run ``python -m bench.learning`` (about 35 minutes on 2 cores) or ``--quick`` (a few minutes).
+Methods (all from the same pre-trained weights; the task heads ``itm_head``, ``vision_proj``, ``text_proj``
+train with every method): ``heads`` only; ``aurora`` (the recipe's ``aurora:`` section: CP with a rank sweep,
+Tucker, the presets ``cross-attention``, ``reference``, ``text-attention``, the ICE/GQT ablation);
+``lora`` and ``vera`` (peft 0.13.2, ``bench._harness.inject_peft``, on exactly Aurora's targets of a preset
+and on their momentum twins); ``full`` fine-tuning (the recipe without ``aurora:``). LoRA, VeRA and
+heads-only reuse the trainer through its ``prepare_model`` hook.
+
+**Distillation** (group ``distillation``; issue 12 allows it): Aurora, and LoRA r=8 for a fair comparison,
+trained with the recipe's ``distill:`` section (``DISTILL``: ITC, ITM and relation distillation at weight 1,
+each model's ITC temperature; distillation throughout, or staged, ``STAGED`` epochs of align / supervised /
+distill). The teacher is this benchmark's own full fine-tuning: its run at the chosen rate and the first seed,
+with the weights of its best validation epoch (the runner's ``model/model.safetensors``, made a whole checkpoint
+by ``save_teacher``). Full fine-tuning therefore runs first (``select`` adds it when ``--only`` leaves it out);
+its first-seed checkpoints are kept under ``--teachers`` (default ``learning-teachers`` in the pre-trained
+model's cache, named by a digest of the run's identity), and when ``--resume`` reuses that run without its
+checkpoint, the run is trained again to make one. The JSON's ``settings.teacher`` records the teacher (run,
+checkpoint, sha256, best epoch, test mean recall, how it was obtained); each distillation run's key names it.
+
+Outputs (``--out``, default ``bench/results``; stem ``--name``, default ``learning`` / ``learning_quick``):
+``.json`` (settings, every run with its per-epoch history, the rows), ``.md`` (the tables), ``_curves.csv``
+(validation curves: one line per run and epoch) and ``_accuracy_vs_params.png`` (test mean recall and share
+of full fine-tuning's gain against trainable parameters, log scale; validation curves). The ``.json`` is
+rewritten after every run; ``--resume`` reuses the runs it holds (same settings) and runs only what is missing.
+
+``python -m bench.learning`` runs every method (about 100 runs; 4 hours on 2 shared cores); ``--only``
+selects methods or groups, ``--seeds`` and ``--lrs`` (rates instead of each selected grid) make a single
+check cheap; ``--quick`` runs the whole protocol on a tiny setting (2 epochs of 32 images, 6 methods, one of
+them distilled, 3+ rates, 3 seeds) in a few minutes.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import csv
+import functools
+import hashlib
+import io
 import json
 import logging
+import math
+import os
+import shutil
 import statistics
 import tempfile
 import time
+import types
 import warnings
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from aurora_pet.demo.pretrained import PRETRAIN, PretrainedTiny, pretrained_tiny_blip
-from aurora_pet.demo.recipe import ADAPT_DATA, ADAPT_RUN, ARCH, DEMO_AURORA, demo_recipe, write_demo_data
+from aurora_pet.demo.pretrained import PretrainedTiny, default_cache_dir, pretrained_tiny_blip
+from aurora_pet.demo.recipe import ADAPT_DATA, ADAPT_RUN, ARCH, DEMO_AURORA, IMAGE_SIZE, TINY_MODEL, demo_recipe
+from aurora_pet.demo.recipe import write_demo_data
 from aurora_pet.training.data import write_recipe
-from aurora_pet.training.evaluate import evaluate
+from aurora_pet.training.evaluate import evaluate_model
+from aurora_pet.training.run_state import FULL_WEIGHTS_NAME
 from aurora_pet.training.trainer import train
 
 from . import _harness as H
 
 HEADS = ["itm_head", "vision_proj", "text_proj"]
+# Learning-rate grids, three rates a factor 4 apart, centred on each kind's usual rate: the demo's 4e-3 for
+# the adapters and the heads, the pre-training rate 5e-4 for full fine-tuning, 1.6e-2 for VeRA (its scaling
+# vectors want rates about 10× LoRA's, Kopiczko et al. 2024).
+LR_GRIDS: dict[str, tuple[float, ...]] = {"full": (1.25e-4, 5e-4, 2e-3), "vera": (4e-3, 1.6e-2, 6.4e-2)}
+DEFAULT_GRID = (1e-3, 4e-3, 1.6e-2)
+BEST_PRESET = "reference"  # the preset of the rank sweep, Tucker, the peers and the ICE/GQT ablation
+DEFAULT_N_TEST = 96  # the demo's 64 test images enlarged: R@1 over few images moves in coarse steps
+QUICK = {"epochs": 2, "n_train": 32, "n_val": 16, "n_test": 16, "batch": 16}
 
 
 @dataclass
 class Spec:
     name: str
-    kind: str  # heads | aurora | lora | full
+    kind: str  # heads | aurora | lora | vera | full
+    # the method's settings; "distill": the recipe's distill: section without its teacher (the protocol adds
+    # "teacher": which run of this benchmark the checkpoint comes from, see `protocol`)
     options: dict[str, Any] = field(default_factory=dict)
-    lr: float | None = None  # None: the demo's adaptation rate
-    group: str = "methods"  # methods | rank sweep | ICE/GQT ablation
+    group: str = "methods"  # methods | presets | peers | rank sweep | tucker | ICE/GQT ablation | distillation
+    lrs: tuple[float, ...] | None = None  # None: LR_GRIDS / DEFAULT_GRID by kind
+
+    @property
+    def grid(self) -> tuple[float, ...]:
+        return tuple(self.lrs or LR_GRIDS.get(self.kind, DEFAULT_GRID))
+
+    @property
+    def distill(self) -> dict[str, Any] | None:
+        """The distillation settings (``DistillConfig``'s keys but ``teacher``), or None: no teacher."""
+        return self.options.get("distill")
+
+    @property
+    def method_options(self) -> dict[str, Any]:
+        """The options of the method itself (Aurora's section, LoRA's rank, ...), without the distillation."""
+        return {k: v for k, v in self.options.items() if k != "distill"}
+
+    @property
+    def key(self) -> str:
+        """What identifies the configuration (not the display name): kind and options."""
+        return json.dumps({"kind": self.kind, "options": self.options}, sort_keys=True)
+
+
+@dataclass
+class Settings:
+    epochs: int
+    n_train: int
+    n_val: int
+    n_test: int
+    batch: int
+    k_test: int
+    seeds: list[int]
+    data_seed: int = int(ADAPT_DATA["seed"])
+
+    @classmethod
+    def make(cls, quick: bool, epochs: int | None = None, n_train: int | None = None, n_val: int | None = None,
+             n_test: int | None = None, batch: int | None = None, seeds: int | None = None) -> Settings:
+        base = QUICK if quick else {"epochs": int(ADAPT_RUN["max_epoch"]), "n_train": int(ADAPT_DATA["n_train"]),
+                                    "n_val": int(ADAPT_DATA["n_val"]), "n_test": DEFAULT_N_TEST,
+                                    "batch": int(ADAPT_RUN["batch_size_train"])}
+        n_val, n_test = n_val or base["n_val"], n_test or base["n_test"]
+        return cls(epochs=epochs or base["epochs"], n_train=n_train or base["n_train"], n_val=n_val, n_test=n_test,
+                   batch=batch or base["batch"], k_test=min(int(ADAPT_RUN["k_test"]), n_val, n_test),
+                   seeds=list(range(seeds or 3)))
+
+    def identity(self) -> dict[str, Any]:
+        """What a run's result depends on (everything but the number of seeds)."""
+        return {k: v for k, v in asdict(self).items() if k != "seeds"}
+
+    def run_cfg(self) -> dict[str, Any]:
+        return {"max_epoch": self.epochs, "batch_size_train": self.batch, "k_test": self.k_test,
+                "valid_splits": ["val"], "test_splits": ["test"], "save_resume_state": False, "plot": False}
 
 
 # -- the small interface to the demo and the trainer ------------------------------------------------
@@ -69,95 +169,178 @@ class Setup:
     pretrained: PretrainedTiny
     written: dict[str, Any]
     work: Path
-    epochs: int
+    settings: Settings
+    teachers: Path  # where teacher checkpoints are kept (``teacher_file``)
 
 
-def prepare(work: Path, cache_dir: Path | None, epochs: int, n_test: int | None = None,
-            verbose: bool = False) -> Setup:
-    """The demo's pre-trained model and shifted-domain data (`n_test` test images instead of the demo's)."""
-    data = {**ADAPT_DATA, **({"n_test": n_test} if n_test else {})}
+def prepare(work: Path, cache_dir: Path | None, settings: Settings, verbose: bool = False,
+            teachers: Path | None = None) -> Setup:
+    """The demo's pre-trained model and shifted-domain data of `settings`' sizes; teacher checkpoints go to
+    `teachers` (default: ``learning-teachers`` in the pre-trained model's cache)."""
     with H.quiet(not verbose):
         pretrained = pretrained_tiny_blip(ARCH, cache_dir)
-        written = write_demo_data(work / "data", "shifted", **data)
-    return Setup(pretrained, written, work, epochs)
+        written = write_demo_data(work / "data", "shifted", n_train=settings.n_train, n_val=settings.n_val,
+                                  n_test=settings.n_test, seed=settings.data_seed)
+    teachers = teachers or (cache_dir or default_cache_dir()) / "learning-teachers"
+    return Setup(pretrained, written, work, settings, teachers)
 
 
 def demo_aurora(**overrides: Any) -> dict[str, Any]:
     return {**DEMO_AURORA, **overrides}
 
 
-def run(setup: Setup, spec: Spec, seed: int, index: int, verbose: bool = False) -> dict[str, Any]:
-    """Train and test one method with one seed; metrics, trainable parameters, seconds."""
+@contextlib.contextmanager
+def lavis_for_selection() -> Iterator[None]:
+    """Two changes to LAVIS inside the benchmark, undone on exit. (1) Retrieval's ``agg_metrics`` (what the
+    runner picks the best epoch by) is LAVIS's image→text mean recall; here it is the mean recall of both
+    directions, the number the learning rate is chosen by. (2) ``IterLoader`` sleeps 2 s at every epoch
+    boundary against a distributed deadlock; one process has none (wall time only, no result changes)."""
+    from lavis.datasets.datasets import dataloader_utils
+    from lavis.tasks.retrieval import RetrievalTask
+
+    original = RetrievalTask.__dict__["_report_metrics"]
+    original_time = dataloader_utils.time
+
+    def report(*args: Any, **kwargs: Any) -> dict[str, Any]:
+        result = original.__func__(*args, **kwargs)
+        result["agg_metrics"] = result["r_mean"]
+        return result
+
+    RetrievalTask._report_metrics = staticmethod(report)
+    dataloader_utils.time = types.SimpleNamespace(sleep=lambda seconds: None, time=time.time)
+    try:
+        yield
+    finally:
+        RetrievalTask._report_metrics = original
+        dataloader_utils.time = original_time
+
+
+def run(setup: Setup, spec: Spec, lr: float, seed: int, index: int, verbose: bool = False,
+        teacher: Path | None = None, keep: Path | None = None) -> dict[str, Any]:
+    """Train, validate every epoch and test one method at one rate and seed; a spec with ``distill`` options
+    distils `teacher` (a checkpoint file); `keep`: where to write the run's best model as a whole checkpoint
+    (full fine-tuning: a teacher, ``save_teacher``)."""
     out = setup.work / f"run{index:03d}"
-    aurora = demo_aurora(**spec.options, init_seed=seed) if spec.kind == "aurora" else None
-    run_cfg = {"seed": seed, "init_lr": spec.lr or ADAPT_RUN["init_lr"], "max_epoch": setup.epochs,
-               "save_resume_state": False, "plot": False, "valid_splits": []}
+    aurora = demo_aurora(**spec.method_options, init_seed=seed) if spec.kind == "aurora" else None
+    run_cfg = {**setup.settings.run_cfg(), "seed": seed, "init_lr": lr}
     recipe = demo_recipe(setup.written, out / "run", pretrained=setup.pretrained, aurora=aurora, run=run_cfg)
+    if spec.distill is not None:
+        if teacher is None:
+            raise ValueError(f"{spec.name}: a distillation run needs the teacher's checkpoint")
+        recipe["distill"] = {**{k: v for k, v in spec.distill.items() if k != "teacher"}, "teacher": str(teacher)}
     path = write_recipe(out / "recipe.yaml", recipe)
     start = time.perf_counter()
-    with H.quiet(not verbose):
-        result = train(path, quiet=True, prepare_model=_prepare(spec))
+    with H.quiet(not verbose), lavis_for_selection():
+        result = train(path, quiet=True, prepare_model=_prepare(spec, seed))
     seconds = time.perf_counter() - start
-    model = result.model
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    trainable = sum(p.numel() for p in result.model.parameters() if p.requires_grad)
+    history = [{"epoch": row.get("epoch"), "train_loss": _float(row.get("train_loss")),
+                "val_r_mean": _float(row.get("val_r_mean")), "val_txt_r1": _float(row.get("val_txt_r1")),
+                "val_img_r1": _float(row.get("val_img_r1"))} for row in result.history]
     final = {k[len("test_"):]: float(v) for k, v in (result.final or {}).items()
              if k.startswith("test_") and isinstance(v, (int, float))}
     final["r1_mean"] = (final.get("txt_r1", 0.0) + final.get("img_r1", 0.0)) / 2
-    return {"method": spec.name, "group": spec.group, "kind": spec.kind, "seed": seed, "trainable": trainable,
+    val = [h["val_r_mean"] for h in history]
+    if keep is not None:
+        save_teacher(setup, Path(result.weights_dir) / FULL_WEIGHTS_NAME, keep)
+    shutil.rmtree(out, ignore_errors=True)
+    return {"method": spec.name, "group": spec.group, "kind": spec.kind, "key": spec.key, "lr": lr, "seed": seed,
+            "trainable": trainable, "history": history, "best_epoch": (result.final or {}).get("best_epoch"),
+            "val_best": max(val) if val else float("nan"), "val_last": val[-1] if val else float("nan"),
             "metrics": final, "seconds": seconds}
 
 
-def evaluate_pretrained(setup: Setup, verbose: bool = False) -> dict[str, float]:
-    """The pre-trained model on the shifted test split, before any adaptation."""
-    out = setup.work / "before"
-    recipe = demo_recipe(setup.written, out / "run", pretrained=setup.pretrained, aurora=demo_aurora())
-    path = write_recipe(out / "recipe.yaml", recipe)
-    with H.quiet(not verbose):
-        metrics = evaluate(path, [f"run.output_dir={out / 'eval'}"], quiet=not verbose)
-    metrics = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
-    metrics["r1_mean"] = (metrics.get("txt_r1", 0.0) + metrics.get("img_r1", 0.0)) / 2
-    return metrics
+def _float(value: Any) -> float:
+    return float(value) if isinstance(value, (int, float)) else float("nan")
 
 
-def _prepare(spec: Spec) -> Callable[[Any], None] | None:
-    """The trainer's `prepare_model` hook that installs LoRA or heads-only on the built LAVIS model."""
-    if spec.kind not in ("lora", "heads"):
+def evaluate_pretrained(setup: Setup) -> dict[str, dict[str, float]]:
+    """The pre-trained model, unadapted, on the shifted validation and test splits (same evaluation as the
+    runs': ``compute_sim_matrix`` with ITM re-ranking of the top ``k_test``)."""
+    model = setup.pretrained.build()
+    out = {}
+    for split in ("val", "test"):
+        metrics = evaluate_model(model, setup.written, k_test=setup.settings.k_test, image_size=IMAGE_SIZE,
+                                 split=split)
+        metrics["r1_mean"] = (metrics.get("txt_r1", 0.0) + metrics.get("img_r1", 0.0)) / 2
+        out[split] = metrics
+    return out
+
+
+def _prepare(spec: Spec, seed: int) -> Callable[[Any], None] | None:
+    """The trainer's `prepare_model` hook that installs LoRA, VeRA or heads-only on the built LAVIS model."""
+    if spec.kind not in ("lora", "vera", "heads"):
         return None
 
     def prepare(lavis_model: Any) -> None:
-        if spec.kind == "lora":
-            inject_lora(lavis_model, **spec.options)
-        else:
+        if spec.kind == "heads":
             lavis_model.requires_grad_(False)
+        else:
+            H.inject_peft(lavis_model, spec.kind, prng_key=seed, **spec.method_options)
         for name in HEADS:
             getattr(lavis_model, name).requires_grad_(True)
 
     return prepare
 
 
+# -- the teacher of the distillation runs --------------------------------------------------------------
+
+TEACHER_KIND = "full"  # the distillation runs' teacher: full fine-tuning's run at its chosen rate, first seed
+# The distillation settings of the plan (DistillConfig's keys, explicit so that a run's key names them all):
+# ITC, ITM and relation distillation at weight 1, each model's own ITC temperature.
+DISTILL: dict[str, Any] = {"itc_weight": 1.0, "itm_weight": 1.0, "relation_weight": 1.0, "temperature": None,
+                           "stages": ["distill"]}
+STAGED = (1, 4, 1)  # the staged variant's epochs of [align, supervised, distill], the last one continuing
+
+
+def teacher_file(setup: Setup, spec: Spec, lr: float, seed: int) -> Path:
+    """Where the teacher checkpoint made from run (`spec`, `lr`, `seed`) under `setup`'s settings is kept: the
+    name holds a digest of everything that run depends on, so a file is only reused for the same run."""
+    identity = {"settings": setup.settings.identity(), "pretrained": setup.pretrained.checkpoint.name,
+                "key": spec.key, "lr": lr, "seed": seed}
+    digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
+    return setup.teachers / f"teacher-{spec.kind}-lr{lr:.3g}-seed{seed}-{digest}.pth"
+
+
+def save_teacher(setup: Setup, weights: Path, path: Path) -> None:
+    """A full fine-tuning run's best checkpoint (the runner's ``model/model.safetensors``: every trainable tensor
+    of the best validation epoch) as the whole checkpoint a recipe's ``distill.teacher`` loads strictly: the
+    pre-trained model with those tensors in place. What does not train (the momentum encoders, the queues) keeps
+    its pre-trained values; the teacher drops it (``build_teacher``)."""
+    import torch
+    from safetensors.torch import load_file
+
+    with H.quiet():
+        model = setup.pretrained.build()
+    trained = load_file(str(weights))
+    own = model.state_dict()
+    wrong = sorted(k for k in trained if k not in own or own[k].shape != trained[k].shape)
+    if wrong or not trained:
+        raise RuntimeError(f"{weights} does not fit the pre-trained model: {wrong[:5] or 'no tensors'}")
+    model.load_state_dict(trained, strict=False)
+    buffer = io.BytesIO()  # not a file: torch.save names the archive after the file, the bytes would vary
+    torch.save({"model": model.state_dict()}, buffer)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    partial.write_bytes(buffer.getvalue())
+    os.replace(partial, path)
+
+
+def _teacher_record(path: Path, result: dict[str, Any]) -> dict[str, Any]:
+    """What identifies a teacher checkpoint: its file and digest, and the run that made it."""
+    return {"checkpoint": path.name, "path": str(path), "sha256": _sha256(path),
+            "test_r_mean": result["metrics"].get("r_mean"), "val_best": result["val_best"],
+            "best_epoch": result["best_epoch"]}
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
 def inject_lora(model, rank: int = 8, alpha: float | None = None, dropout: float = 0.0,
                 preset: str = "cross-attention") -> int:
-    """peft LoRA on Aurora's targets of `preset`, in place; the momentum twins get the same LoRA, frozen,
-    starting as copies (LAVIS zips online and momentum parameters by position). Returns the online count."""
-    import torch
-    from peft import LoraConfig, inject_adapter_in_model
-
-    online, twins = H.lora_targets(model, preset)
-    config = LoraConfig(r=rank, lora_alpha=alpha or 2 * rank, lora_dropout=dropout, target_modules=online + twins)
-    inject_adapter_in_model(config, model)
-    model.requires_grad_(False)
-    params = dict(model.named_parameters())
-    count = 0
-    pairs = dict(zip(online, twins)) if len(online) == len(twins) else {}
-    for name, parameter in params.items():
-        if "lora_" in name and any(name.startswith(t + ".") for t in online):
-            parameter.requires_grad_(True)
-            count += parameter.numel()
-            for source, twin in pairs.items():
-                if name.startswith(source + "."):
-                    with torch.no_grad():
-                        params[twin + name[len(source):]].copy_(parameter)
-    return count
+    """peft LoRA on Aurora's targets of `preset` and their momentum twins (``bench._harness.inject_peft``)."""
+    return H.inject_peft(model, "lora", preset=preset, rank=rank, alpha=alpha, dropout=dropout)
 
 
 # -- the plan ----------------------------------------------------------------------------------------
@@ -167,89 +350,418 @@ def adapter_count(rank: int, ice: bool = True, gqt: bool = True, d: int = 64, sl
     return (2 * d + slices + 1) * rank + sites * ((d if ice else 0) + (4 * d + 1 if gqt else 0))
 
 
-def plan(quick: bool, rank: int | None = None) -> list[Spec]:
+@functools.lru_cache(maxsize=None)
+def _tiny_model():
+    """The tiny retrieval architecture (random weights): for parameter counts only."""
+    from aurora_pet.families.lavis.build import ARCHITECTURES, build_blip
+
+    settings = {k: v for k, v in TINY_MODEL.items() if k != "size"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return build_blip(ARCH, ARCHITECTURES[ARCH][0], size="tiny", **settings)
+
+
+@functools.lru_cache(maxsize=None)
+def aurora_adapter_count(preset: str, rank: int, core: str = "cp", ice: bool = True, gqt: bool = True) -> int:
+    """Aurora's adapter parameters (factors + ICE + GQT, no heads) on the tiny model under `preset`."""
+    from aurora_pet.families.lavis.wrap import wrap_blip
+
+    model = _tiny_model()
+    settings = {k: v for k, v in DEMO_AURORA.items() if k not in ("preset", "modules_to_save")}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        aurora = wrap_blip(model, preset, **{**settings, "rank": rank, "core": core, "ice": ice, "gqt": gqt})
+    try:
+        groups = aurora.parameter_report()["groups"]
+        return int(groups.get("factors", 0) + groups.get("ice", 0) + groups.get("gqt", 0))
+    finally:
+        aurora.unload()
+        model.requires_grad_(False)
+
+
+def plan(quick: bool, rank: int | None = None, best_preset: str = BEST_PRESET) -> list[Spec]:
+    """Every configuration of the protocol (``quick``: five, one of each kind, on `best_preset`)."""
     rank = rank or int(DEMO_AURORA["rank"])
-    lora_per_rank = 8 * (64 + 64)  # 8 targets of 64×64, r·(d_in + d_out) each
+    on_best = {"preset": best_preset}
+    vera_rank = H.vera_rank_for(_tiny_model(), aurora_adapter_count(best_preset, 8 if quick else rank), best_preset)
+    if quick:
+        return [
+            Spec("heads only", "heads"),
+            Spec(f"aurora cp R=8 +ICE/GQT [{best_preset}]", "aurora", {"rank": 8, **on_best}),
+            Spec(f"lora r=1 [{best_preset}]", "lora", {"rank": 1, **on_best}),
+            Spec(f"vera r={vera_rank} [{best_preset}] (Aurora's count)", "vera", {"rank": vera_rank, **on_best}),
+            Spec("full fine-tuning", "full"),
+            Spec(f"aurora cp R=8 +ICE/GQT [{best_preset}] + distill", "aurora",
+                 {"rank": 8, **on_best, "distill": dict(DISTILL)}, group="distillation"),
+        ]
+    lora_per_rank = 8 * (64 + 64)  # cross-attention: 8 targets of 64×64, r·(d_in + d_out) each
     matched = max(1, round(adapter_count(rank) / lora_per_rank))
     specs = [
         Spec("heads only", "heads"),
-        Spec(f"aurora cp R={rank} +ICE/GQT", "aurora", {"rank": rank}),
+        Spec(f"aurora cp R={rank} +ICE/GQT", "aurora", {"rank": rank}),  # the demo's configuration
         Spec("lora r=8", "lora", {"rank": 8}),
         Spec(f"lora r={matched} (Aurora's count)", "lora", {"rank": matched}),
-        Spec("full fine-tuning", "full", lr=float(PRETRAIN["run"]["init_lr"])),
+        Spec("full fine-tuning", "full"),
     ]
-    sweep = [4] if quick else [r for r in (4, 16, 32, 64) if r != rank]
-    specs += [Spec(f"aurora cp R={r} +ICE/GQT", "aurora", {"rank": r}, group="rank sweep") for r in sweep]
+    specs += [Spec(f"aurora cp R={rank} +ICE/GQT [{preset}]", "aurora", {"rank": rank, "preset": preset},
+                   group="presets") for preset in ("reference", "text-attention")]
+    specs += [Spec(f"lora r={r} [{best_preset}]", "lora", {"rank": r, **on_best}, group="peers") for r in (1, 8)]
+    specs.append(Spec(f"vera r={vera_rank} [{best_preset}] (Aurora's count)", "vera",
+                      {"rank": vera_rank, **on_best}, group="peers"))
+    specs += [Spec(f"aurora cp R={r} +ICE/GQT [{best_preset}]", "aurora", {"rank": r, **on_best}, group="rank sweep")
+              for r in (4, 16, 32) if r != rank]
+    specs.append(Spec(f"aurora tucker R=16 +ICE/GQT [{best_preset}]", "aurora",
+                      {"rank": 16, "core": "tucker", **on_best}, group="tucker"))  # R=64 would be R³ = 262k
     ablation = (("no ICE/GQT", False, False), ("ICE only", True, False), ("GQT only", False, True))
-    specs += [Spec(f"aurora cp R={rank} {label}", "aurora", {"rank": rank, "ice": ice, "gqt": gqt},
-                   group="ICE/GQT ablation") for label, ice, gqt in (ablation[:1] if quick else ablation)]
+    specs += [Spec(f"aurora cp R={rank} {label} [{best_preset}]", "aurora",
+                   {"rank": rank, "ice": ice, "gqt": gqt, **on_best}, group="ICE/GQT ablation")
+              for label, ice, gqt in ablation]
+    # distilled from this benchmark's full fine-tuning (see `protocol`): distillation throughout, and staged
+    staged = {**DISTILL, "stages": list(STAGED)}
+    specs += [Spec(f"aurora cp R={rank} +ICE/GQT [{best_preset}] + distill", "aurora",
+                   {"rank": rank, **on_best, "distill": dict(DISTILL)}, group="distillation"),
+              Spec(f"aurora cp R={rank} +ICE/GQT [{best_preset}] + distill {_stages_label(STAGED)}", "aurora",
+                   {"rank": rank, **on_best, "distill": staged}, group="distillation"),
+              Spec(f"lora r=8 [{best_preset}] + distill", "lora", {"rank": 8, **on_best, "distill": dict(DISTILL)},
+                   group="distillation")]
     return specs
+
+
+def _stages_label(stages: Sequence[int]) -> str:
+    """[1, 4, 1] → "(align 1, supervised 4, distill rest)": the last stage continues to the last epoch."""
+    names = ("align", "supervised", "distill")
+    return "(" + ", ".join(f"{name} {count}" for name, count in zip(names[:-1], stages[:-1]) if count) \
+        + (", " if any(stages[:-1]) else "") + f"{names[len(stages) - 1]} rest)"
+
+
+def select(specs: Sequence[Spec], only: Sequence[str] | None,
+           lrs: Sequence[float] | None = None) -> list[Spec]:
+    """The specs named in `only` (exact method names or group names), in plan order, each with the rates `lrs`
+    instead of its grid if given; a distillation spec brings its teacher, full fine-tuning (first, on its own
+    grid), when `only` leaves it out."""
+    if only:
+        unknown = set(only) - {s.name for s in specs} - {s.group for s in specs}
+        if unknown:
+            raise SystemExit(f"--only: unknown method(s) or group(s) {sorted(unknown)}; methods: "
+                             f"{[s.name for s in specs]}")
+    chosen = [s for s in specs if not only or s.name in only or s.group in only]
+    if lrs:
+        chosen = [replace(s, lrs=tuple(lrs)) for s in chosen]
+    if any(s.distill is not None for s in chosen) and not any(s.kind == TEACHER_KIND for s in chosen):
+        chosen.insert(0, next(s for s in specs if s.kind == TEACHER_KIND))
+    return chosen
+
+
+# -- the protocol ------------------------------------------------------------------------------------
+
+def diverged(run: dict[str, Any], before_val: float) -> bool:
+    """The last epoch validates below the unadapted model, or the loss is not finite."""
+    losses = [h["train_loss"] for h in run["history"]]
+    return (not all(math.isfinite(x) for x in losses)) or not math.isfinite(run["val_last"]) \
+        or run["val_last"] < before_val
+
+
+def choose_lr(sweep: Sequence[dict[str, Any]]) -> float:
+    """The rate whose seed-0 run has the best validation score (best epoch's validation mean recall)."""
+    scored = [r for r in sweep if math.isfinite(r["val_best"])]
+    return max(scored or sweep, key=lambda r: r["val_best"] if math.isfinite(r["val_best"]) else -1)["lr"]
+
+
+def extensions(grid: Sequence[float], sweep: list[dict[str, Any]], max_extend: int) -> Iterator[float]:
+    """Rates beyond the grid's edge while the best rate so far is at an edge (at most `max_extend`), the same
+    factor apart: the sweep then brackets the optimum unless the extensions run out (the table says so).
+    `sweep` grows as the caller runs each yielded rate."""
+    if len(grid) < 2:  # one rate given (--lrs): nothing to bracket
+        return
+    ratio = grid[1] / grid[0]
+    for _ in range(max_extend):
+        rates = sorted(r["lr"] for r in sweep)
+        chosen = choose_lr(sweep)
+        if chosen == rates[-1]:
+            yield rates[-1] * ratio
+        elif chosen == rates[0]:
+            yield rates[0] / ratio
+        else:
+            return
+
+
+def protocol(setup: Setup, specs: Sequence[Spec], cached: dict[tuple[str, float, int], dict[str, Any]],
+             on_run: Callable[[dict[str, Any]], None], verbose: bool = False,
+             max_extend: int = 2, teacher_info: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """Sweep (extended past an edge that wins, see `extensions`), choose on validation, seeds; every run once
+    (`cached` ones are reused).
+
+    Distillation specs (``spec.distill``) are taught by this benchmark's own full fine-tuning: the run of the
+    ``full`` spec (which must come earlier in `specs`) at its chosen rate and first seed, whose best checkpoint
+    ``save_teacher`` keeps (``teacher_file``) when that run trains; a run reused from `cached` whose checkpoint
+    is not kept (or was made by another run: its record differs) is trained again to make it. Each distillation
+    spec's options get ``distill.teacher`` = that run (kind, rate, seed), so its runs' key names the teacher;
+    `teacher_info` receives the teacher's identity (``_teacher_record``, plus how it was obtained)."""
+    runs: list[dict[str, Any]] = []
+    seeds = setup.settings.seeds
+    teacher: dict[str, Any] = {}  # the resolved teacher: "label" (spec options) and "path"
+    trained_now: set[int] = set()  # ids of the runs trained in this call (not reused from `cached`)
+
+    def get(spec: Spec, lr: float, seed: int, stage: str) -> dict[str, Any]:
+        key = (spec.key, lr, seed)
+        if key in cached:
+            result = cached[key]
+            result.update(method=spec.name, group=spec.group)
+        else:
+            keep = teacher_file(setup, spec, lr, seed) if spec.kind == TEACHER_KIND and seed == seeds[0] else None
+            result = run(setup, spec, lr, seed, len(runs), verbose, teacher=teacher.get("path"), keep=keep)
+            if keep is not None:
+                keep.with_suffix(".json").write_text(json.dumps(_teacher_record(keep, result), indent=1) + "\n")
+            cached[key] = result
+            trained_now.add(id(result))
+            print(f"  {spec.name:<44} lr {lr:<8.3g} seed {seed}  trainable {result['trainable']:>8,}  "
+                  f"val {result['val_best']:5.1f} (last {result['val_last']:5.1f})  "
+                  f"test {result['metrics'].get('r_mean', float('nan')):5.1f}  ({result['seconds']:.0f} s)", flush=True)
+        result["stage"] = stage
+        runs.append(result)
+        on_run(result)
+        return result
+
+    def resolve_teacher(spec: Spec) -> None:
+        """The teacher of distillation spec `spec`: full fine-tuning's chosen-rate, first-seed run's checkpoint."""
+        if not teacher:
+            full = next((s for s in done if s.kind == TEACHER_KIND), None)
+            if full is None:
+                raise ValueError(f"{spec.name}: distillation needs the {TEACHER_KIND!r} spec (the teacher) earlier "
+                                 "in the plan")
+            sweep = [r for r in runs if r["key"] == full.key and r["seed"] == seeds[0]]
+            lr = choose_lr(sweep)
+            made = next(r for r in sweep if r["lr"] == lr)
+            path = teacher_file(setup, full, lr, seeds[0])
+            record_file = path.with_suffix(".json")
+            record = json.loads(record_file.read_text()) if path.is_file() and record_file.is_file() else None
+            expected = {"test_r_mean": made["metrics"].get("r_mean"), "val_best": made["val_best"],
+                        "best_epoch": made["best_epoch"]}
+            if record is not None and record.get("sha256") == _sha256(path) \
+                    and all(record.get(k) == v for k, v in expected.items()):
+                source = "the run's checkpoint" + ("" if id(made) in trained_now else
+                                                   ", kept from the invocation that trained it")
+            else:  # the run came from the cache without its checkpoint: train it again to make one
+                print(f"  teacher: training {full.name} lr {lr:.3g} seed {seeds[0]} again for its checkpoint",
+                      flush=True)
+                again = run(setup, full, lr, seeds[0], len(runs), verbose, keep=path)
+                record = _teacher_record(path, again)
+                record_file.write_text(json.dumps(record, indent=1) + "\n")
+                source = ("trained again for its checkpoint (the run came from the cache); same result as the "
+                          "cached run: " + str(all(record.get(k) == v for k, v in expected.items())))
+            for other in sweep:  # the other rates' checkpoints teach nothing
+                if other["lr"] != lr:
+                    file = teacher_file(setup, full, other["lr"], seeds[0])
+                    file.unlink(missing_ok=True)
+                    file.with_suffix(".json").unlink(missing_ok=True)
+            teacher.update(path=path, label={"method": full.name, "kind": full.kind, "lr": lr, "seed": seeds[0]})
+            if teacher_info is not None:
+                teacher_info.update({**teacher["label"], **record, "run_test_r_mean": expected["test_r_mean"],
+                                     "source": source})
+            print(f"  teacher: {full.name} lr {lr:.3g} seed {seeds[0]} ({path.name}, test "
+                  f"{record['test_r_mean']:.1f}; {source})", flush=True)
+        spec.options["distill"] = {**(spec.distill or {}), "teacher": teacher["label"]}
+
+    done: list[Spec] = []
+    for spec in specs:
+        if spec.distill is not None:
+            resolve_teacher(spec)
+        done.append(spec)
+        sweep = [get(spec, lr, seeds[0], "sweep") for lr in spec.grid]
+        for lr in extensions(spec.grid, sweep, max_extend):
+            sweep.append(get(spec, lr, seeds[0], "sweep"))
+        chosen = choose_lr(sweep)
+        for seed in seeds[1:]:
+            get(spec, chosen, seed, "seed")
+    return runs
+
+
+def summarise(specs: Sequence[Spec], runs: Sequence[dict[str, Any]], before: dict[str, dict[str, float]],
+              seeds: Sequence[int]) -> list[dict[str, Any]]:
+    """One row per method: the sweep (validation score per rate), the chosen rate, the seeds' test results,
+    the share of full fine-tuning's gain, the diverged runs."""
+    before_val, before_test = before["val"]["r_mean"], before["test"]["r_mean"]
+    rows = []
+    for spec in specs:
+        mine = [r for r in runs if r["key"] == spec.key]
+        sweep = sorted({r["lr"]: r for r in mine if r["seed"] == seeds[0]}.values(), key=lambda r: r["lr"])
+        if not sweep:
+            continue
+        chosen = choose_lr(sweep)
+        final = sorted({r["seed"]: r for r in mine if r["lr"] == chosen and r["seed"] in seeds}.values(),
+                       key=lambda r: r["seed"])
+        test = [r["metrics"].get("r_mean", float("nan")) for r in final]
+        mean, std = H.mean_std(test)
+        r1_mean, r1_std = H.mean_std([r["metrics"].get("r1_mean", float("nan")) for r in final])
+        rows.append({
+            "method": spec.name, "group": spec.group, "kind": spec.kind, "options": spec.options,
+            "trainable": final[0]["trainable"],
+            "sweep": [{"lr": r["lr"], "val": r["val_best"], "val_last": r["val_last"],
+                       "diverged": diverged(r, before_val)} for r in sweep],
+            "lr": chosen, "lr_at_edge": chosen in (sweep[0]["lr"], sweep[-1]["lr"]), "grid": list(spec.grid),
+            "seeds": [r["seed"] for r in final], "test_r_mean": test, "mean": mean, "std": std,
+            "r1_mean": r1_mean, "r1_std": r1_std,
+            "val_mean": statistics.fmean(r["val_best"] for r in final),
+            "diverged": sorted({f"lr {r['lr']:.3g} seed {r['seed']}" for r in mine if diverged(r, before_val)}),
+            "seconds": statistics.median(r["seconds"] for r in mine),
+            "before": before_test,
+        })
+    full = next((r for r in rows if r["kind"] == "full"), None)
+    gain = (full["mean"] - before_test) if full else float("nan")
+    for row in rows:
+        row["share"] = (row["mean"] - before_test) / gain if full and gain else None
+        row["share_spread"] = row["std"] / abs(gain) if full and gain else None
+        row["fraction_of_full"] = row["trainable"] / full["trainable"] if full else None
+    return rows
+
+
+def targets(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Issue 12's targets: an Aurora row with ≤ 10% of full fine-tuning's trainable parameters that recovers
+    ≥ 90% of its gain, and scores above every LoRA/VeRA row of an equal or larger count beyond the seed
+    spread (mean − std > their mean + std)."""
+    full = next((r for r in rows if r["kind"] == "full"), None)
+    if full is None:
+        return {"evaluated": False, "why": "full fine-tuning not in the selection"}
+    small = [r for r in rows if r["kind"] == "aurora" and r["trainable"] <= 0.1 * full["trainable"]]
+    if not small:
+        return {"evaluated": False, "why": "no Aurora configuration with ≤ 10% of full fine-tuning's parameters"}
+    best = max(small, key=lambda r: r["mean"])
+    peers = [r for r in rows if r["kind"] in ("lora", "vera") and r["trainable"] >= best["trainable"]]
+    beats = {p["method"]: best["mean"] - best["std"] > p["mean"] + p["std"] for p in peers}
+    return {"evaluated": True, "aurora": best["method"], "share": best["share"],
+            "fraction_of_full": best["fraction_of_full"], "share_met": (best["share"] or 0) >= 0.9,
+            "peers": beats, "peers_met": bool(peers) and all(beats.values())}
 
 
 # -- report ------------------------------------------------------------------------------------------
 
-def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    rows: dict[str, dict[str, Any]] = {}
-    for r in runs:
-        row = rows.setdefault(r["method"], {"method": r["method"], "group": r["group"], "trainable": r["trainable"],
-                                            "r1": [], "txt_r1": [], "img_r1": [], "r_mean": [], "seconds": []})
-        row["r1"].append(r["metrics"].get("r1_mean", float("nan")))
-        for key in ("txt_r1", "img_r1", "r_mean"):
-            row[key].append(r["metrics"].get(key, float("nan")))
-        row["seconds"].append(r["seconds"])
-    return list(rows.values())
+def _lr(value: float) -> str:
+    return f"{value:.3g}"
 
 
-def table(rows: list[dict[str, Any]], before: dict[str, float] | None) -> str:
-    def ms(values: list[float]) -> str:
-        mean, std = H.mean_std(values)
-        return f"{mean:.1f} ± {std:.1f}"
-
-    lines = []
-    if before:
-        lines.append(["pre-trained, not adapted", "0", f"{before['r1_mean']:.1f}", f"{before.get('txt_r1', 0):.1f}",
-                      f"{before.get('img_r1', 0):.1f}", f"{before.get('r_mean', 0):.1f}", "–", "–"])
+def table(rows: Sequence[dict[str, Any]], before: dict[str, dict[str, float]]) -> str:
+    lines = [["pre-trained, not adapted", "–", "0", "–", "–",
+              f"{before['test']['r_mean']:.1f} (val {before['val']['r_mean']:.1f})", "0", "–", "–"]]
     for row in rows:
-        lines.append([row["method"], f"{row['trainable']:,}", ms(row["r1"]), ms(row["txt_r1"]), ms(row["img_r1"]),
-                      ms(row["r_mean"]), str(len(row["r1"])), f"{statistics.median(row['seconds']):.0f}"])
-    return H.markdown_table(["method", "trainable", "R@1 mean", "image→text R@1", "text→image R@1", "mean recall",
-                             "seeds", "s/run"], lines)
+        sweep = " · ".join((f"**{_lr(s['lr'])}: {s['val']:.1f}**" if s["lr"] == row["lr"] else
+                            f"{_lr(s['lr'])}: {s['val']:.1f}") + (" ✗" if s["diverged"] else "") for s in row["sweep"])
+        share = "–" if row["share"] is None else f"{100 * row['share']:.0f} ± {100 * row['share_spread']:.0f} %"
+        fraction = "–" if row["fraction_of_full"] is None else f"{100 * row['fraction_of_full']:.1f} %"
+        lines.append([row["method"], row["group"], f"{row['trainable']:,} ({fraction})", sweep,
+                      _lr(row["lr"]) + (" (edge)" if row["lr_at_edge"] else ""),
+                      f"**{row['mean']:.1f} ± {row['std']:.1f}** (n={len(row['seeds'])})", share,
+                      "; ".join(row["diverged"]) or "–", f"{row['seconds']:.0f}"])
+    return H.markdown_table(["method", "group", "trainable (of full FT)", "validation mean recall per lr (seed 0)",
+                             "chosen lr", "test mean recall, mean ± std", "share of full FT's gain",
+                             "diverged runs ✗", "s/run"], lines)
 
 
-def plot(rows: list[dict[str, Any]], before: dict[str, float] | None, path: Path) -> None:
+def render(results: dict[str, Any]) -> str:
+    s = results["settings"]
+    rows = results["rows"]
+    parts = [f"Tiny BLIP retrieval (pre-trained on the source domain) adapted to the shifted domain: "
+             f"{s['epochs']} epochs, {s['n_train']} training images × 5 captions, batch {s['batch']}, "
+             f"{s['n_val']} validation / {s['n_test']} test images, k_test {s['k_test']}; per method a sweep of "
+             f"3 learning rates (seed 0) chosen on validation mean recall, then seeds {s['seeds']} at the chosen "
+             f"rate; test mean recall (R@1/5/10, both directions, %) at each run's best validation epoch, "
+             f"mean ± std over the seeds; share = (method − before) / (full − before). "
+             f"✗: the run's last epoch validates below the unadapted model. {len(results['runs'])} runs, "
+             f"wall {results['wall_s']:.0f} s.", "", table(rows, results["before"])]
+    teacher = s.get("teacher")
+    if teacher:
+        parts += ["", f"Distillation (`+ distill`: the recipe's `distill:` section, ITC/ITM/relation weights 1, "
+                      f"each model's ITC temperature): the teacher is this benchmark's {teacher['method']} run at lr "
+                      f"{_lr(teacher['lr'])}, seed {teacher['seed']} (its best validation epoch, "
+                      f"{teacher['best_epoch']}; test mean recall {teacher['test_r_mean']:.1f}), checkpoint "
+                      f"`{teacher['checkpoint']}` (sha256 {teacher['sha256'][:12]}…; {teacher['source']})."]
+    verdict = results.get("targets") or {}
+    if verdict.get("evaluated"):
+        peers = ", ".join(f"{k}: {'beaten' if v else 'not beaten'}" for k, v in verdict["peers"].items()) or "none"
+        parts += ["", f"Targets: {verdict['aurora']} ({100 * verdict['fraction_of_full']:.1f} % of full FT's "
+                      f"parameters) recovers {100 * verdict['share']:.0f} % of full fine-tuning's gain "
+                      f"(target ≥ 90 %: {'met' if verdict['share_met'] else 'missed'}); against LoRA/VeRA of an "
+                      f"equal or larger count, beyond the seed spread: {peers} "
+                      f"({'met' if verdict['peers_met'] else 'missed'})."]
+    elif verdict:
+        parts += ["", f"Targets not evaluated: {verdict['why']}."]
+    return "\n".join(parts)
+
+
+def write_curves(runs: Sequence[dict[str, Any]], rows: Sequence[dict[str, Any]], path: Path) -> None:
+    chosen = {(r["method"], r["lr"]) for r in rows}
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["method", "group", "lr", "seed", "stage", "chosen_lr", "epoch", "train_loss", "val_r_mean",
+                         "val_txt_r1", "val_img_r1"])
+        for r in runs:
+            for h in r["history"]:
+                writer.writerow([r["method"], r["group"], r["lr"], r["seed"], r["stage"],
+                                 (r["method"], r["lr"]) in chosen, h["epoch"], f"{h['train_loss']:.5f}",
+                                 f"{h['val_r_mean']:.3f}", f"{h['val_txt_r1']:.3f}", f"{h['val_img_r1']:.3f}"])
+
+
+COLORS = {"heads": "#888888", "aurora": "#1f77b4", "lora": "#ff7f0e", "vera": "#2ca02c", "full": "#d62728"}
+
+
+def plot(results: dict[str, Any], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
-    colors = {"heads": "#888888", "aurora": "#1f77b4", "lora": "#ff7f0e", "full": "#d62728"}
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.0))
-    for ax, key, label, ref in ((axes[0], "r1", "test R@1, mean of both directions (%)", "r1_mean"),
-                                (axes[1], "r_mean", "test mean recall (R@1/5/10, both directions, %)", "r_mean")):
-        sweep = sorted([r for r in rows if r["method"].startswith("aurora cp R=") and r["method"].endswith("+ICE/GQT")],
-                       key=lambda r: r["trainable"])
-        if len(sweep) > 1:
-            ax.plot([r["trainable"] for r in sweep], [H.mean_std(r[key])[0] for r in sweep], color=colors["aurora"],
-                    linewidth=0.8, alpha=0.6, label="Aurora rank sweep (+ICE/GQT)")
+    rows, runs, before = results["rows"], results["runs"], results["before"]
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.6))
+    for ax, key in ((axes[0], "mean"), (axes[1], "share")):
         for row in rows:
-            kind = next((k for k in colors if row["method"].startswith(k)), "full")
-            mean, std = H.mean_std(row[key])
-            ablation = row["group"] == "ICE/GQT ablation"
-            ax.errorbar(row["trainable"], mean, yerr=std, fmt="s" if ablation else "o", capsize=3,
-                        markersize=4 if ablation else 5, color=colors[kind], alpha=0.5 if ablation else 1.0)
-            if not ablation:  # the ablation's points sit on top of R=32's; the table has them
-                name = row["method"].replace(" +ICE/GQT", "").replace(" (Aurora's count)", " (≈ Aurora)")
-                ax.annotate(name.replace("aurora cp ", "Aurora "), (row["trainable"], mean),
-                            textcoords="offset points", xytext=(4, 3), fontsize=6)
-        if before and ref in before:
-            ax.axhline(before[ref], color="black", linestyle=":", linewidth=0.8, label="before adaptation")
+            if row[key] is None:
+                continue
+            scale = 100.0 if key == "share" else 1.0
+            spread = row["std"] if key == "mean" else row["share_spread"]
+            marker = "s" if row["group"] not in ("methods", "presets", "peers") else "o"
+            ax.errorbar(row["trainable"], scale * row[key], yerr=scale * spread, fmt=marker, capsize=3,
+                        markersize=5, color=COLORS.get(row["kind"], "black"), alpha=0.9)
+            ax.annotate(row["method"].replace(" +ICE/GQT", "").replace("aurora ", "Aurora ")
+                        .replace(" (Aurora's count)", ""), (row["trainable"], scale * row[key]),
+                        textcoords="offset points", xytext=(4, 3), fontsize=6)
         ax.set_xscale("log")
         ax.set_xlabel("trainable parameters (log)")
-        ax.set_ylabel(label, fontsize=8)
-        ax.plot([], [], "s", color=colors["aurora"], alpha=0.5, label="Aurora R=32 ICE/GQT ablation")
-        ax.legend(fontsize=7, loc="upper left")
-    fig.suptitle("Tiny BLIP adapted to the shifted domain: accuracy vs trainable parameters (mean ± std over seeds)",
-                 fontsize=9)
+        if key == "mean":
+            ax.axhline(before["test"]["r_mean"], color="black", linestyle=":", linewidth=0.8,
+                       label="before adaptation")
+            ax.set_ylabel("test mean recall (%), mean ± std over seeds", fontsize=8)
+        else:
+            ax.axhline(100, color="#d62728", linestyle="--", linewidth=0.8, label="full fine-tuning")
+            ax.axhline(90, color="#d62728", linestyle=":", linewidth=0.8, label="90 % (issue 12's target)")
+            ax.axhline(0, color="black", linestyle=":", linewidth=0.8, label="before adaptation")
+            full = next((r for r in rows if r["kind"] == "full"), None)
+            if full:
+                ax.axvline(0.1 * full["trainable"], color="grey", linestyle=":", linewidth=0.8,
+                           label="10 % of full FT's parameters")
+            ax.set_ylabel("share of full fine-tuning's gain (%)", fontsize=8)
+        for kind, color in COLORS.items():
+            if any(r["kind"] == kind for r in rows):
+                ax.plot([], [], "o", color=color, label=kind)
+        ax.legend(fontsize=6, loc="upper left")
+    ax = axes[2]
+    for row in rows:  # validation curves at the chosen rate, mean over seeds
+        curves = [[h["val_r_mean"] for h in r["history"]] for r in runs
+                  if r["method"] == row["method"] and r["lr"] == row["lr"]]
+        if not curves:
+            continue
+        length = min(len(c) for c in curves)
+        mean = [statistics.fmean(c[i] for c in curves) for i in range(length)]
+        ax.plot(range(1, length + 1), mean, color=COLORS.get(row["kind"], "black"), linewidth=1,
+                alpha=1.0 if row["group"] in ("methods", "presets", "peers") else 0.4)
+        ax.annotate(row["method"].replace(" +ICE/GQT", ""), (length, mean[-1]), fontsize=5)
+    ax.axhline(before["val"]["r_mean"], color="black", linestyle=":", linewidth=0.8, label="before adaptation")
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("validation mean recall (%), chosen lr, mean over seeds", fontsize=8)
+    ax.legend(fontsize=6, loc="lower right")
+    s = results["settings"]
+    fig.suptitle(f"Tiny BLIP adapted to the shifted domain ({s['epochs']} epochs, {s['n_train']} images, "
+                 f"lr chosen on validation, seeds {s['seeds']})", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
@@ -257,15 +769,29 @@ def plot(rows: list[dict[str, Any]], before: dict[str, float] | None, path: Path
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="1 seed, 1 epoch, fewer configurations")
-    parser.add_argument("--seeds", type=int, nargs="+", default=None, help="default 0 1 2 (quick: 0)")
-    parser.add_argument("--epochs", type=int, default=None, help="default: the demo's (quick: 1)")
+    parser.add_argument("--quick", action="store_true", help="the whole protocol on a tiny setting: " + str(QUICK))
+    parser.add_argument("--only", nargs="+", default=None, help="method names or groups to run (default: all)")
+    parser.add_argument("--seeds", type=int, default=None, help="number of seeds at the chosen rate (default 3)")
+    parser.add_argument("--epochs", type=int, default=None, help="default: the demo's (12; quick 2)")
+    parser.add_argument("--n-train", type=int, default=None, help="training images (default: the demo's 256)")
+    parser.add_argument("--n-val", type=int, default=None, help="validation images (default: the demo's 32)")
+    parser.add_argument("--n-test", type=int, default=None, help=f"test images (default {DEFAULT_N_TEST})")
+    parser.add_argument("--batch", type=int, default=None, help="training batch (default: the demo's 16)")
     parser.add_argument("--rank", type=int, default=None, help="Aurora's rank in the comparison (default: the demo's)")
-    parser.add_argument("--n-test", type=int, default=None, help="test images (default: the demo's)")
+    parser.add_argument("--best-preset", default=BEST_PRESET,
+                        help="preset of the rank sweep, Tucker, LoRA/VeRA peers and ICE/GQT ablation")
     parser.add_argument("--cache-dir", type=Path, default=None, help="pre-trained model cache (the demo's)")
     parser.add_argument("--work", type=Path, default=None, help="where runs are written (default: a temp dir)")
     parser.add_argument("--out", type=Path, default=H.RESULTS)
     parser.add_argument("--name", default=None, help="result file stem (default learning or learning_quick)")
+    parser.add_argument("--lrs", type=float, nargs="+", default=None,
+                        help="learning rates to run instead of each selected method's grid (a teacher that "
+                             "--only leaves out keeps its grid)")
+    parser.add_argument("--teachers", type=Path, default=None,
+                        help="where teacher checkpoints are kept (default: learning-teachers in the cache dir)")
+    parser.add_argument("--max-extend", type=int, default=2,
+                        help="rates added past the grid's edge while an edge rate wins (default 2)")
+    parser.add_argument("--resume", action="store_true", help="reuse the runs in <out>/<name>.json (same settings)")
     parser.add_argument("--verbose", action="store_true")
     args = parser.parse_args(argv)
 
@@ -276,57 +802,58 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if not args.verbose:
         warnings.simplefilter("ignore")
         logging.basicConfig(level=logging.ERROR)  # a root handler first: LAVIS's basicConfig(INFO) is then a no-op
-    seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
-    epochs = args.epochs or (1 if args.quick else int(ADAPT_RUN["max_epoch"]))
+    settings = Settings.make(args.quick, args.epochs, args.n_train, args.n_val, args.n_test, args.batch, args.seeds)
     name = args.name or ("learning_quick" if args.quick else "learning")
+    specs = select(plan(args.quick, args.rank, args.best_preset), args.only, args.lrs)
     args.out.mkdir(parents=True, exist_ok=True)
+    json_path = args.out / f"{name}.json"
+    cached: dict[tuple[str, float, int], dict[str, Any]] = {}
+    if args.resume and json_path.is_file():
+        previous = json.loads(json_path.read_text())
+        if previous.get("settings", {}).get("identity") == settings.identity():
+            cached = {(r["key"], r["lr"], r["seed"]): r
+                      for r in previous.get("runs", []) + previous.get("other_runs", [])}
+            print(f"resuming: {len(cached)} runs from {json_path}")
+        else:
+            print(f"not resuming: {json_path} has other settings")
     started = time.perf_counter()
+    base = {"settings": {**asdict(settings), "identity": settings.identity(), "quick": args.quick,
+                         "best_preset": args.best_preset, "lr_grids": {s.name: list(s.grid) for s in specs},
+                         "image_size": IMAGE_SIZE, "data_seed": settings.data_seed},
+            "machine": H.machine()}
     with contextlib.ExitStack() as stack:
         work = args.work or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="aurora-learning-")))
         work.mkdir(parents=True, exist_ok=True)
         print(f"== pre-trained tiny BLIP and shifted-domain data (work dir {work})", flush=True)
-        n_test = args.n_test
-        setup = prepare(work, args.cache_dir, epochs, n_test, args.verbose)
-        before = evaluate_pretrained(setup, args.verbose)
-        print(f"  before adaptation: R@1 mean {before['r1_mean']:.1f}", flush=True)
-        runs = []
-        specs = plan(args.quick, args.rank)
-        for seed in seeds:  # seed-major: a partial run still covers every method
-            for spec in specs:
-                result = run(setup, spec, seed, len(runs), args.verbose)
-                runs.append(result)
-                print(f"  seed {seed} {spec.name:<34} trainable {result['trainable']:>8,}  "
-                      f"R@1 mean {result['metrics']['r1_mean']:5.1f}  ({result['seconds']:.0f} s)", flush=True)
-    rows = summarise(runs)
-    results = {"settings": {"seeds": seeds, "epochs": epochs, "rank": args.rank, "quick": args.quick,
-                            "data": {**ADAPT_DATA, **({"n_test": n_test} if n_test else {})},
-                            "run": {**ADAPT_RUN, "max_epoch": epochs, "valid_splits": []},
-                            "pretrained": str(setup.pretrained.checkpoint.name)},
-               "machine": H.machine(), "before": before, "runs": runs, "rows": rows,
+        setup = prepare(work, args.cache_dir, settings, args.verbose, args.teachers)
+        with H.quiet(not args.verbose):
+            before = evaluate_pretrained(setup)
+        base["settings"]["pretrained"] = setup.pretrained.checkpoint.name
+        print(f"  before adaptation: mean recall val {before['val']['r_mean']:.1f}, test "
+              f"{before['test']['r_mean']:.1f}", flush=True)
+        done: list[dict[str, Any]] = list(cached.values())  # kept in the file even when not selected now
+
+        def save_partial(result: dict[str, Any]) -> None:
+            if not any(r is result for r in done):
+                done.append(result)
+            json_path.write_text(json.dumps({**base, "before": before, "runs": done, "partial": True}) + "\n")
+
+        teacher: dict[str, Any] = {}
+        if any(s.distill is not None for s in specs):
+            base["settings"]["teacher"] = teacher  # filled in when the first distillation spec starts
+        runs = protocol(setup, specs, cached, save_partial, args.verbose, args.max_extend, teacher)
+    rows = summarise(specs, runs, before, settings.seeds)
+    results = {**base, "before": before, "runs": runs, "rows": rows, "targets": targets(rows),
                "wall_s": time.perf_counter() - started}
     report = render(results)
     print(report)
     (args.out / f"{name}.md").write_text(report + "\n")
-    (args.out / f"{name}.json").write_text(json.dumps(results, indent=1) + "\n")
-    plot(rows, before, args.out / f"{name}_accuracy_vs_params.png")
+    used = {id(r) for r in runs}
+    json_path.write_text(json.dumps({**results, "other_runs": [r for r in done if id(r) not in used]}, indent=1)
+                         + "\n")
+    write_curves(runs, rows, args.out / f"{name}_curves.csv")
+    plot(results, args.out / f"{name}_accuracy_vs_params.png")
     return results
-
-
-def render(results: dict[str, Any]) -> str:
-    s = results["settings"]
-    rows = results["rows"]
-    parts = [f"Tiny BLIP retrieval (pre-trained on the source domain) adapted to the shifted domain: "
-             f"{s['epochs']} epoch(s), seeds {s['seeds']}, {s['data']['n_train']} training / {s['data']['n_test']} "
-             f"test images; R@1 in % on the shifted test split after the last epoch (mean ± std over seeds); "
-             f"wall {results['wall_s']:.0f} s"]
-    for group in ("methods", "rank sweep", "ICE/GQT ablation"):
-        chosen = [r for r in rows if r["group"] == group]
-        if group != "methods":  # the default configuration belongs to every comparison
-            default = next((r for r in rows if r["group"] == "methods" and r["method"].startswith("aurora")), None)
-            chosen = ([default] if default else []) + chosen
-            chosen.sort(key=lambda r: r["trainable"])
-        parts += [f"\n### {group}\n", table(chosen, results["before"] if group == "methods" else None)]
-    return "\n".join(parts)
 
 
 if __name__ == "__main__":

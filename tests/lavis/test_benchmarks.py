@@ -139,6 +139,67 @@ def test_learning_plan_compares_every_method_at_a_matched_lora_rank():
     assert len([s for s in specs if s.group == "ICE/GQT ablation"]) == 3
 
 
+def test_learning_distillation_specs_bring_their_teacher():
+    """Every distillation spec (full and quick plans) comes after full fine-tuning, its teacher; selecting one
+    alone brings the teacher first, on its own grid, while --lrs replaces the selected spec's grid."""
+    for quick in (False, True):
+        specs = learning.plan(quick=quick)
+        distilled = [i for i, s in enumerate(specs) if s.distill is not None]
+        assert distilled and all(specs[i].group == "distillation" for i in distilled)
+        assert min(distilled) > next(i for i, s in enumerate(specs) if s.kind == learning.TEACHER_KIND)
+        assert all("distill" not in specs[i].method_options and specs[i].distill["stages"] for i in distilled)
+    specs = learning.plan(quick=False)
+    assert {s.kind for s in specs if s.distill is not None} == {"aurora", "lora"}
+    name = next(s.name for s in specs if s.distill is not None and s.kind == "aurora")
+    chosen = learning.select(specs, [name], lrs=[0.016])
+    assert [s.kind for s in chosen] == ["full", "aurora"] and chosen[1].grid == (0.016,)
+    assert chosen[0].grid == learning.LR_GRIDS["full"]
+    assert list(learning.extensions(chosen[1].grid, [{"lr": 0.016, "val_best": 1.0}], 2)) == []
+
+
+def test_learning_distillation_is_taught_by_the_chosen_full_finetuning_run(tmp_path, monkeypatch):
+    """No training: the teacher is full fine-tuning's chosen-rate, first-seed run; its checkpoint is kept when it
+    trains, the distillation runs get it and name it in their key, and a run reused from the cache without its
+    checkpoint is trained again to make one."""
+    import types
+
+    settings = learning.Settings.make(quick=True, seeds=2)
+    setup = learning.Setup(types.SimpleNamespace(checkpoint=Path("pre.safetensors")), {}, tmp_path, settings,
+                           tmp_path / "teachers")
+    calls = []
+
+    def fake(setup, spec, lr, seed, index, verbose=False, teacher=None, keep=None):
+        calls.append((spec.kind, lr, seed, teacher, keep))
+        if keep is not None:
+            keep.parent.mkdir(parents=True, exist_ok=True)
+            keep.write_bytes(b"weights")
+        val = (30.0 if spec.kind == "full" else 15.0) - (lr not in (learning.LR_GRIDS["full"][1],
+                                                                    learning.DEFAULT_GRID[1])) * 10.0
+        return {**_fake_run(spec, lr, seed, val=val, test=val + 1, trainable=5), "best_epoch": 0}
+
+    monkeypatch.setattr(learning, "run", fake)
+    plan = lambda: [learning.Spec("full", "full"),  # noqa: E731
+                    learning.Spec("a + distill", "aurora", {"rank": 8, "distill": dict(learning.DISTILL)})]
+    specs, cached, info = plan(), {}, {}
+    runs = learning.protocol(setup, specs, cached, lambda r: None, teacher_info=info)
+    chosen = learning.LR_GRIDS["full"][1]
+    path = learning.teacher_file(setup, specs[0], chosen, 0)
+    assert [p.name for p in (tmp_path / "teachers").glob("*.pth")] == [path.name]  # the other rates' removed
+    assert specs[1].distill["teacher"] == {"method": "full", "kind": "full", "lr": chosen, "seed": 0}
+    assert json.loads(specs[1].key)["options"]["distill"]["teacher"]["lr"] == chosen
+    assert {c[3] for c in calls if c[0] == "aurora"} == {path}
+    assert info["checkpoint"] == path.name and info["test_r_mean"] == 31.0 == info["run_test_r_mean"]
+    assert info["source"] == "the run's checkpoint"
+    assert len(runs) == 3 + 1 + 3 + 1  # two sweeps, one more seed each
+    path.unlink()  # a later --resume without the checkpoint: the teacher's run trains again, nothing else
+    calls.clear()
+    specs, info = plan(), {}
+    learning.protocol(setup, specs, {(r["key"], r["lr"], r["seed"]): r for r in runs}, lambda r: None,
+                      teacher_info=info)
+    assert calls == [("full", chosen, 0, None, path)] and path.is_file()
+    assert info["source"].startswith("trained again") and info["source"].endswith("True")
+
+
 def test_ratios_are_taken_within_rounds():
     times = {"frozen": [[1.0, 1.0], [2.0, 2.0]], "x": [[1.1, 1.1], [2.2, 2.2]]}
     mid, low, high = cost._ratios(times, "frozen")["x"]
@@ -173,12 +234,181 @@ def test_cost_quick(tmp_path):
     assert default["file_bytes"] >= sum(default["groups"].values())
 
 
+def _fake_run(spec, lr, seed, val, test, trainable, val_last=None, loss=1.0):
+    history = [{"epoch": 0, "train_loss": loss, "val_r_mean": val, "val_txt_r1": 0.0, "val_img_r1": 0.0}]
+    if val_last is not None:
+        history.append({**history[0], "epoch": 1, "val_r_mean": val_last})
+    return {"method": spec.name, "group": spec.group, "kind": spec.kind, "key": spec.key, "lr": lr, "seed": seed,
+            "trainable": trainable, "history": history, "val_best": val, "val_last": history[-1]["val_r_mean"],
+            "metrics": {"r_mean": test, "r1_mean": test / 2}, "seconds": 1.0, "stage": "sweep"}
+
+
+def test_learning_protocol_chooses_on_validation_and_reports_shares_of_full_finetunings_gain():
+    """No training: the selection reads validation only (the test split favours another rate here), the share
+    is (method − before) / (full − before) on the seeds' means, and a run validating below the unadapted model
+    is flagged."""
+    full, peft = learning.Spec("full", "full"), learning.Spec("a", "aurora", {"rank": 8})
+    before = {"val": {"r_mean": 10.0}, "test": {"r_mean": 5.0}}
+    lo, mid, hi = peft.grid
+    runs = [_fake_run(peft, lo, 0, val=12.0, test=40.0, trainable=10),  # best on test, not on validation
+            _fake_run(peft, mid, 0, val=20.0, test=20.0, trainable=10),
+            _fake_run(peft, hi, 0, val=15.0, test=30.0, trainable=10, val_last=8.0),  # ends below "before"
+            _fake_run(peft, mid, 1, val=21.0, test=24.0, trainable=10),
+            _fake_run(peft, mid, 2, val=19.0, test=22.0, trainable=10)]
+    runs += [_fake_run(full, lr, 0, val=30.0 - i, test=45.0 - i, trainable=1000) for i, lr in enumerate(full.grid)]
+    runs += [_fake_run(full, full.grid[0], s, val=30.0, test=t, trainable=1000) for s, t in ((1, 44.0), (2, 46.0))]
+    rows = {r["method"]: r for r in learning.summarise([full, peft], runs, before, [0, 1, 2])}
+    assert rows["a"]["lr"] == mid and rows["full"]["lr"] == full.grid[0]
+    assert rows["a"]["seeds"] == [0, 1, 2] and rows["a"]["mean"] == pytest.approx(22.0)
+    assert rows["full"]["mean"] == pytest.approx(45.0)
+    assert rows["a"]["share"] == pytest.approx((22.0 - 5.0) / (45.0 - 5.0)) and rows["full"]["share"] == 1.0
+    assert [s["diverged"] for s in rows["a"]["sweep"]] == [False, False, True]
+    assert rows["a"]["diverged"] == [f"lr {hi:.3g} seed 0"]
+    verdict = learning.targets(list(rows.values()))
+    assert verdict["evaluated"] and verdict["share"] == pytest.approx(17 / 40) and not verdict["share_met"]
+
+
 @pytest.mark.slow
-def test_learning_quick(tmp_path):
-    """A few minutes (more the first time, when the demo's pre-trained tiny BLIP is trained and cached)."""
-    _run("learning", "--quick", "--out", str(tmp_path), timeout=1800)
+def test_learning_quick_runs_the_whole_protocol_consistently(tmp_path):
+    """About 4 minutes: --quick is the full protocol (sweep on validation, seeds, shares, curves, plot) on a
+    tiny setting, distillation from the run's own full fine-tuning included; its outputs must agree with each
+    other and with the protocol's definitions."""
+    _run("learning", "--quick", "--out", str(tmp_path), "--teachers", str(tmp_path / "teachers"), timeout=1800)
     results = json.loads((tmp_path / "learning_quick.json").read_text())
-    assert [row["method"] for row in results["rows"]] == [s.name for s in learning.plan(quick=True)]
-    for run in results["runs"]:
-        assert 0.0 <= run["metrics"]["r1_mean"] <= 100.0 and run["trainable"] > 0
+    settings = results["settings"]
+    assert len(settings["seeds"]) >= 3
+    before_val, before_test = results["before"]["val"]["r_mean"], results["before"]["test"]["r_mean"]
+    rows = results["rows"]
+    assert [row["method"] for row in rows] == [s.name for s in learning.plan(quick=True)]
+    full = next(row for row in rows if row["kind"] == "full")
+    for row in rows:
+        grid = settings["lr_grids"][row["method"]]
+        assert len(grid) >= 3 and len({round(b / a, 6) for a, b in zip(grid, grid[1:])}) == 1  # log-spaced
+        runs = [r for r in results["runs"] if r["method"] == row["method"]]
+        sweep = {r["lr"]: r for r in runs if r["seed"] == settings["seeds"][0]}
+        assert sorted(sweep) == [s["lr"] for s in row["sweep"]] and set(grid) <= set(sweep)  # grid + extensions
+        assert row["lr"] == max(sweep, key=lambda lr: sweep[lr]["val_best"])  # chosen on validation
+        for run in runs:
+            assert len(run["history"]) == settings["epochs"] and run["trainable"] == row["trainable"] > 0
+            assert run["val_best"] == max(h["val_r_mean"] for h in run["history"])
+        chosen = sorted((r for r in runs if r["lr"] == row["lr"]), key=lambda r: r["seed"])
+        assert [r["seed"] for r in chosen] == row["seeds"] == settings["seeds"]
+        assert row["mean"] == pytest.approx(sum(r["metrics"]["r_mean"] for r in chosen) / len(chosen))
+        assert row["share"] == pytest.approx((row["mean"] - before_test) / (full["mean"] - before_test))
+        assert [s["diverged"] for s in row["sweep"]] == [sweep[lr]["val_last"] < before_val for lr in sorted(sweep)]
+    # distillation: the teacher is the full fine-tuning run of this JSON at its chosen rate and first seed
+    teacher = settings["teacher"]
+    distilled = [row for row in rows if row["options"].get("distill")]
+    assert distilled and all(row["options"]["distill"]["teacher"] == {
+        "method": full["method"], "kind": "full", "lr": full["lr"], "seed": settings["seeds"][0]} for row in distilled)
+    made = next(r for r in results["runs"] if r["method"] == full["method"] and r["lr"] == full["lr"]
+                and r["seed"] == settings["seeds"][0])
+    assert teacher["lr"] == full["lr"] and teacher["test_r_mean"] == made["metrics"]["r_mean"]
+    assert teacher["best_epoch"] == made["best_epoch"] and (tmp_path / "teachers" / teacher["checkpoint"]).is_file()
+    curves = (tmp_path / "learning_quick_curves.csv").read_text().splitlines()
+    assert len(curves) == 1 + sum(len(r["history"]) for r in results["runs"])
+    report = (tmp_path / "learning_quick.md").read_text()
+    assert all(row["method"] in report for row in rows) and "share of full FT's gain" in report
     assert (tmp_path / "learning_quick_accuracy_vs_params.png").stat().st_size > 0
+
+
+# -- the cost benchmark's GPU path (issue 13): its device-independent parts, on the CPU ---------------
+
+class _FakeGpu(H.CpuDevice):
+    """The CPU's clocks and memory under the CUDA path's keys and labels: the loops and tables of the GPU path
+    run here without a GPU."""
+
+    name = H.CudaDevice.name
+    clocks, clock_labels, step_unit = H.CudaDevice.clocks, H.CudaDevice.clock_labels, H.CudaDevice.step_unit
+    memory_keys, memory_label = H.CudaDevice.memory_keys, H.CudaDevice.memory_label
+
+    def timed(self, run):
+        reading = super().timed(run)
+        return {"cuda": reading["cpu"], "cuda_wall": reading["wall"], "other_load": reading["other_load"]}
+
+    def begin_memory_pass(self):
+        pass  # not the process-wide allocator change of the CPU's memory pass
+
+
+def test_cpu_device_times_a_call_and_reads_peak_memory():
+    device = H.make_device("cpu")
+    assert device.dtype == "fp32" and device.torch_device == torch.device("cpu") and device.rng_devices == []
+    calls = []
+    reading = device.timed(lambda: calls.append(sum(i * i for i in range(200_000))))
+    assert len(calls) == 1 and set(reading) == {*device.clocks, "other_load"}
+    assert reading["cpu"] > 0 and reading["wall"] > 0 and reading["other_load"] >= 0
+    with device.autocast():
+        assert torch.ones(2, 2).matmul(torch.ones(2, 2)).dtype == torch.float32
+    device.reset_peak()
+    before = device.allocated()
+    block = torch.ones(16, 2**20)  # 64 MiB, touched
+    assert device.peak() >= before + block.numel() * 4 * 0.9
+    with pytest.raises(ValueError, match="bf16 is not available on cpu"):
+        H.make_device("cpu", "bf16")
+
+
+def test_cuda_is_a_clear_error_without_a_gpu(monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(H.DeviceUnavailable, match=r"--device cuda needs a CUDA GPU.*is_available\(\) is False"):
+        H.make_device("cuda")
+    with pytest.raises(SystemExit, match="--device cuda needs a CUDA GPU"):
+        cost.main(["--device", "cuda", "--quick", "--skip", "sizes", "--out", str(tmp_path)])
+    assert not list(tmp_path.iterdir())  # stopped before anything was built or written
+
+
+def test_cost_defaults_per_device_are_lavis_published_setting_on_cuda():
+    import yaml
+    from lavis.common.utils import get_abs_path
+
+    cpu = cost.settings_of(cost.parse_args([]))
+    assert {k: cpu[k] for k in ("device", "dtype", "size", "image_size", "batch", "rounds", "steps", "warmup",
+                                "rerank_batch")} == {
+        "device": "cpu", "dtype": "fp32", "size": "base", "image_size": 224, "batch": 2, "rounds": 5, "steps": 1,
+        "warmup": 1, "rerank_batch": 8}
+    gpu = cost.settings_of(cost.parse_args(["--device", "cuda"]))
+    assert gpu["dtype"] == "bf16" and gpu["image_size"] == 384 and gpu["batch"] == {"retrieval": 32, "vqa": 16}
+    assert gpu["warmup"] == 3 and gpu["steps"] == 5 and gpu["rerank_batch"] == 256
+    assert [cost.batch_of(gpu, a) for a in ("retrieval", "retrieval ITM passes only", "vqa")] == [32, 32, 16]
+    # the published batch (per GPU) and k_test are those of LAVIS's own fine-tuning recipes
+    for arch, recipes in (("retrieval", ("retrieval_coco_ft", "retrieval_flickr_ft")), ("vqa", ("vqav2_ft",))):
+        for recipe in recipes:
+            config = yaml.safe_load(Path(get_abs_path(f"projects/blip/train/{recipe}.yaml")).read_text())
+            assert config["run"]["batch_size_train"] == cost.PUBLISHED_BATCH[arch]
+            if recipe == "retrieval_coco_ft":
+                assert config["run"]["k_test"] == cost.PUBLISHED_K_TEST
+    explicit = cost.settings_of(cost.parse_args(["--device", "cuda", "--batch", "8", "--image-size", "480",
+                                                 "--dtype", "fp32", "--arch", "vqa"]))
+    assert (explicit["batch"], explicit["image_size"], explicit["dtype"]) == (8, 480, "fp32")
+    assert cost.settings_of(cost.parse_args(["--device", "cuda", "--arch", "vqa"]))["batch"] == {"vqa": 16}
+    quick = cost.settings_of(cost.parse_args(["--device", "cuda", "--quick"]))
+    assert (quick["size"], quick["image_size"], quick["batch"], quick["rerank_batch"]) == ("tiny", 32, 2, 0)
+
+
+def test_gpu_path_loops_key_results_by_clock_and_render_gpu_columns(tiny_retrieval):
+    """The training, memory and inference loops with the CUDA path's keys (on the CPU's clocks), and the
+    report of such a result: GPU ms, peak GPU GiB; a CPU result keeps its CPU columns."""
+    device = _FakeGpu()
+    model = tiny_retrieval
+    samples = H.retrieval_samples(2, 32)
+    methods = [m for m in cost.training_methods(rank=4, lora_rank=2) if m.kind in ("frozen", "lora", "full")][:3]
+    quiet = lambda *_: None  # noqa: E731
+    training = cost.bench_training(model, cost.lavis_step(samples, device), methods, 2, 1, 1, device=device,
+                                   log=quiet)
+    assert set(training) == {"cuda", "cuda_wall", "trainable", "other_load"}
+    assert all(len(training["cuda"][m.name]) == 2 for m in methods)
+    memory = cost.bench_memory(model, cost.lavis_step(samples, device), methods, device=device, log=quiet)
+    assert set(memory) == {"peak_cuda", "added_cuda", "allocated_cuda"}
+    inference = cost.bench_inference("retrieval", model, samples, cost.inference_methods(rank=4, lora_rank=2)[:2],
+                                     1, 1, device=device, log=quiet)
+    assert set(inference) == {"cuda", "cuda_wall", "merge_max_abs_diff", "other_load"}
+    settings = cost.settings_of(cost.parse_args(["--device", "cuda", "--quick"]))
+    results = {"settings": settings, "machine": {**H.machine(), "gpu": "a GPU", "gpu_memory": 2**30, "cuda": "x"},
+               "training": {"retrieval": training}, "inference": {"retrieval": inference}, "sizes": {},
+               "memory": {"retrieval": memory}}
+    report = cost.render(results)
+    assert "GPU ms/step" in report and "× frozen (GPU)" in report and "peak GPU GiB" in report
+    assert "GPU ms" in report and "CPU s/step" not in report and "a GPU" in report
+    renamed = {"cpu": training["cuda"], "wall": training["cuda_wall"], **{k: training[k] for k in
+                                                                         ("trainable", "other_load")}}
+    cpu_report = cost.training_table(renamed, {"peak_rss": memory["peak_cuda"], "added_rss": memory["added_cuda"]})
+    assert "CPU s/step" in cpu_report and "peak RSS GiB" in cpu_report and "GPU" not in cpu_report
