@@ -767,6 +767,35 @@ def plot(results: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+def report_only(paths: Sequence[Path], out: Path, name: str, best_preset: str = BEST_PRESET) -> dict[str, Any]:
+    """The report of the runs stored in `paths` (result files of the same settings; a later file's run replaces
+    an earlier one's): every planned method that has runs, summarised as `main` does. A method whose sweep or
+    seeds are unfinished is reported with the runs it has — its row shows the rates tried, ``(edge)`` and n."""
+    results = [json.loads(Path(path).read_text()) for path in paths]
+    identity = results[0]["settings"]["identity"]
+    for path, result in zip(paths, results):
+        if result["settings"]["identity"] != identity:
+            raise SystemExit(f"{path} has other settings than {paths[0]}: {result['settings']['identity']}")
+    runs = {(r["key"], r["lr"], r["seed"]): r for result in results
+            for r in result.get("runs", []) + result.get("other_runs", [])}
+    keys = {key for key, _, _ in runs}
+    specs = [spec for spec in plan(False, best_preset=best_preset) if spec.key in keys]
+    seeds = results[0]["settings"]["seeds"]
+    rows = summarise(specs, list(runs.values()), results[0]["before"], seeds)
+    report = {**{k: v for k, v in results[0].items() if k in ("settings", "machine", "before")},
+              "runs": list(runs.values()), "rows": rows, "targets": targets(rows),
+              "wall_s": sum(r["seconds"] for r in runs.values()), "sources": [str(p) for p in paths]}
+    report["settings"]["lr_grids"] = {spec.name: list(spec.grid) for spec in specs}
+    text = render(report)
+    print(text)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.md").write_text(text + "\n")
+    (out / f"{name}.json").write_text(json.dumps(report, indent=1) + "\n")
+    write_curves(report["runs"], rows, out / f"{name}_curves.csv")
+    plot(report, out / f"{name}_accuracy_vs_params.png")
+    return report
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="the whole protocol on a tiny setting: " + str(QUICK))
@@ -792,8 +821,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--max-extend", type=int, default=2,
                         help="rates added past the grid's edge while an edge rate wins (default 2)")
     parser.add_argument("--resume", action="store_true", help="reuse the runs in <out>/<name>.json (same settings)")
+    parser.add_argument("--report", type=Path, nargs="+", default=None, metavar="JSON",
+                        help="train nothing: tables, curves and plot from the runs stored in these result files "
+                             "(same settings; a method whose protocol is unfinished shows what it has)")
     parser.add_argument("--verbose", action="store_true")
     args = parser.parse_args(argv)
+    if args.report:
+        return report_only(args.report, args.out, args.name or "learning", args.best_preset)
 
     import torch
 

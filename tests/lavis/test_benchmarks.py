@@ -412,3 +412,31 @@ def test_gpu_path_loops_key_results_by_clock_and_render_gpu_columns(tiny_retriev
                                                                          ("trainable", "other_load")}}
     cpu_report = cost.training_table(renamed, {"peak_rss": memory["peak_cuda"], "added_rss": memory["added_cuda"]})
     assert "CPU s/step" in cpu_report and "peak RSS GiB" in cpu_report and "GPU" not in cpu_report
+
+
+def test_learning_report_merges_result_files_and_shows_unfinished_protocols(tmp_path):
+    """--report trains nothing: runs of several result files (same settings) are summarised together, a method
+    with one rate and one seed so far is reported as such, and files of other settings are refused."""
+    specs = {s.kind: s for s in learning.plan(quick=False) if s.kind in ("full", "heads")}
+    full, heads = specs["full"], specs["heads"]
+    settings = {"identity": {"epochs": 12}, "seeds": [0, 1, 2], "epochs": 12, "n_train": 256, "n_val": 32,
+                "n_test": 96, "batch": 16, "k_test": 32}
+    before = {"val": {"r_mean": 10.0}, "test": {"r_mean": 5.0}}
+    first = [_fake_run(full, lr, 0, val=20.0 + i, test=40.0, trainable=1000) for i, lr in enumerate(full.grid)]
+    first += [_fake_run(full, full.grid[-1], s, val=22.0, test=t, trainable=1000) for s, t in ((1, 44.0), (2, 45.0))]
+    second = [_fake_run(heads, heads.grid[0], 0, val=12.0, test=9.0, trainable=10)]
+    paths = []
+    for i, runs in enumerate((first, second)):
+        path = tmp_path / f"r{i}.json"
+        path.write_text(json.dumps({"settings": settings, "machine": {}, "before": before, "runs": runs}))
+        paths.append(path)
+    report = learning.main(["--report", *map(str, paths), "--out", str(tmp_path / "out"), "--name", "merged"])
+    rows = {row["kind"]: row for row in report["rows"]}
+    assert rows["full"]["lr"] == full.grid[-1] and rows["full"]["mean"] == pytest.approx((40 + 44 + 45) / 3)
+    assert rows["heads"]["seeds"] == [0] and rows["heads"]["lr_at_edge"]
+    assert rows["heads"]["share"] == pytest.approx((9.0 - 5.0) / ((40 + 44 + 45) / 3 - 5.0))
+    assert "(n=1)" in (tmp_path / "out" / "merged.md").read_text()
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({"settings": {**settings, "identity": {"epochs": 2}}, "before": before, "runs": []}))
+    with pytest.raises(SystemExit, match="other settings"):
+        learning.main(["--report", str(paths[0]), str(other), "--out", str(tmp_path / "out")])
