@@ -8,7 +8,7 @@ PYTHON ?= python3
 LAVIS  := .venv
 HF     := .venv-hf
 
-.PHONY: install install-lavis install-hf demo test test-lavis test-hf test-fast lock clean
+.PHONY: install install-lavis install-hf demo demo-hf test test-lavis test-hf test-fast lock clean
 
 install: install-lavis install-hf
 install-lavis: $(LAVIS)/.installed
@@ -31,6 +31,10 @@ $(HF)/.installed: requirements/lock-hf.txt pyproject.toml
 
 demo: install-lavis
 	$(LAVIS)/bin/aurora-pet demo
+
+# The same demo with transformers' BLIP (BlipForImageTextRetrieval) and the hf recipe runner, in .venv-hf.
+demo-hf: install-hf
+	$(HF)/bin/aurora-pet demo --family hf
 
 # The whole suite, slow integration tests included (what CI runs): the core and the transformers family in
 # .venv-hf, the core and the LAVIS family in .venv. Both parts run even if the first fails.

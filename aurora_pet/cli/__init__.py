@@ -14,10 +14,11 @@ import sys
 COMMANDS = {
     "params": "print the trainable-parameter table of a BLIP configuration, LAVIS or transformers (no download)",
     "train": "train and evaluate a recipe with an Aurora adapter (LAVIS's runner, or accelerate for family: hf)",
-    "demo": "run the embedded demo end to end on the CPU (generated data, tiny BLIP, no download)",
+    "demo": "run the embedded demo end to end on the CPU (generated data, a tiny LAVIS or transformers BLIP, no "
+            "download)",
 }
-# The optional dependencies (pyproject.toml) a subcommand runs on by default; `params`, and `train` for an hf
-# recipe, report a missing family themselves.
+# The optional dependencies (pyproject.toml) a subcommand runs on by default; `params`, `train` for an hf
+# recipe and `demo --family hf` report a missing family themselves.
 EXTRAS = {"train": "lavis", "demo": "lavis"}
 
 

@@ -1,7 +1,10 @@
 """The demo's source-domain model: a tiny BLIP pre-trained in full, shipped, cached or trained now.
 
-Entries are a ``<name>.safetensors`` (the full state dict) and a ``<name>.json`` (settings, metrics),
-named by a hash of every setting, so other settings never load a stale model.
+One machinery for both families, keyed by the architecture: ``blip_retrieval`` (LAVIS ``BlipRetrieval``,
+pre-trained with LAVIS's runner) and ``hf_blip_retrieval`` (transformers' ``BlipForImageTextRetrieval``,
+pre-trained with the hf recipe runner). Entries are a ``<name>.safetensors`` (the full state dict) and a
+``<name>.json`` (settings, metrics), named ``tiny-<arch>-<hash of every setting>``, so other settings never
+load a stale model.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +26,7 @@ from torch import nn
 
 from ..model import AuroraModel
 from ..training.data import write_recipe
+from .hf import HF_ARCH, HF_PRETRAIN, HF_TINY_MODEL, hf_demo_recipe
 from .recipe import ARCH, TINY_MODEL, demo_recipe, write_demo_data
 
 # Source-domain pre-training (full fine-tuning from a random initialisation).
@@ -36,14 +41,22 @@ ASSETS = Path(__file__).parent.parent / "assets"
 
 
 def default_cache_dir() -> Path:
+    """Where pre-trained entries are cached: ``$AURORA_PET_CACHE``, else ``~/.cache/aurora-pet``.
+
+    Returns
+    -------
+    Path
+        The cache directory (not created here).
+    """
     return Path(os.environ.get("AURORA_PET_CACHE", Path.home() / ".cache" / "aurora-pet"))
 
 
 @dataclass
 class PretrainedTiny:
     """A tiny BLIP pre-trained on the source domain: ``checkpoint`` (full state dict, safetensors) and the
-    recipe ``model`` settings that rebuild its architecture; ``metrics`` are its source-domain test results;
-    ``source`` says where it came from: "shipped" (package data), "cache" or "trained" (just now)."""
+    ``model`` settings that rebuild its architecture (LAVIS: the recipe's ``model:`` section; hf:
+    ``families.hf.build.build_blip``'s arguments); ``metrics`` are its source-domain test results; ``source``
+    says where it came from: "shipped" (package data), "cache" or "trained" (just now)."""
 
     arch: str
     checkpoint: Path
@@ -52,9 +65,29 @@ class PretrainedTiny:
     seconds: float = 0.0
     source: str = "cache"
 
+    @property
+    def family(self) -> str:
+        """The model family of ``arch``: "lavis" or "hf"."""
+        return _family(self.arch).name
+
     def build(self) -> nn.Module:
-        """The LAVIS model with these weights (strict loading). The random initialisation the checkpoint
-        replaces draws from a forked RNG: the caller's global RNG is left as it was."""
+        """The model with these weights (strict loading): LAVIS's ``BlipRetrieval`` or transformers'
+        ``BlipForImageTextRetrieval``, by ``arch``. The random initialisation the checkpoint replaces draws
+        from a forked RNG: the caller's global RNG is left as it was.
+
+        Returns
+        -------
+        nn.Module
+            The model in its family's class, every weight from ``checkpoint``.
+        """
+        if self.family == "hf":
+            from safetensors.torch import load_model
+
+            from ..families.hf.build import build_blip as build_hf_blip
+
+            model = build_hf_blip("retrieval", **self.model)
+            load_model(model, str(self.checkpoint), strict=True)
+            return model
         from ..families.lavis.build import ARCHITECTURES, build_blip
 
         settings = {k: v for k, v in self.model.items() if k not in ("size", "pretrained")}
@@ -62,10 +95,62 @@ class PretrainedTiny:
             return build_blip(self.arch, ARCHITECTURES[self.arch][0], size=self.model.get("size", "tiny"),
                               checkpoint=self.checkpoint, **settings)
 
+    def save_pretrained(self, directory: str | Path) -> Path:
+        """Write the model as an hf recipe's ``model.pretrained`` reads it: ``save_pretrained`` of the model
+        and of its ``BlipProcessor`` (the tiny tokenizer, the image size). hf family only.
 
-def pretrain_settings(epochs: int | None = None) -> dict[str, Any]:
-    """``PRETRAIN`` with another number of epochs (a separate cache entry)."""
-    settings = json.loads(json.dumps(PRETRAIN))
+        Parameters
+        ----------
+        directory : str or Path
+            Where to write (created; files there are overwritten).
+
+        Returns
+        -------
+        Path
+            ``directory``.
+        """
+        if self.family != "hf":
+            raise ValueError(f"save_pretrained writes transformers models; {self.arch!r} is a LAVIS model "
+                             "(its recipes load the checkpoint file itself)")
+        return _save_hf_directory(self.build(), Path(directory))
+
+
+@dataclass(frozen=True)
+class _Family:
+    """What differs between the families' pre-trained entries: the tiny model's settings, the pre-training
+    settings (both hashed into the entry's name) and the function that pre-trains (work dir, settings,
+    quiet) -> (trained model, source-domain test metrics)."""
+
+    name: str
+    model: dict[str, Any]
+    pretrain: dict[str, Any]
+    train: Callable[[str, Path, dict[str, Any], bool], tuple[nn.Module, dict[str, Any]]]
+
+
+def _family(arch: str) -> _Family:
+    families = {ARCH: _Family("lavis", TINY_MODEL, PRETRAIN, _pretrain_lavis),
+                HF_ARCH: _Family("hf", HF_TINY_MODEL, HF_PRETRAIN, _pretrain_hf)}
+    if arch not in families:
+        raise ValueError(f"pretrained_tiny_blip supports {' and '.join(map(repr, families))}, got {arch!r}")
+    return families[arch]
+
+
+def pretrain_settings(epochs: int | None = None, arch: str = ARCH) -> dict[str, Any]:
+    """The pre-training settings of ``arch`` with another number of epochs (a separate cache entry).
+
+    Parameters
+    ----------
+    epochs : int or None
+        Pre-training epochs; None keeps the default.
+    arch : str
+        ``blip_retrieval`` (``PRETRAIN``) or ``hf_blip_retrieval`` (``HF_PRETRAIN``).
+
+    Returns
+    -------
+    dict
+        A deep copy of the settings.
+    """
+    settings = json.loads(json.dumps(_family(arch).pretrain))
     if epochs is not None:
         settings["run"]["max_epoch"] = int(epochs)
     return settings
@@ -73,49 +158,110 @@ def pretrain_settings(epochs: int | None = None) -> dict[str, Any]:
 
 def pretrained_tiny_blip(arch: str = ARCH, cache_dir: str | Path | None = None, *, force: bool = False,
                          epochs: int | None = None, quiet: bool = True) -> PretrainedTiny:
-    """The source-domain tiny BLIP for the demo and benchmarks.
+    """The source-domain tiny BLIP of a family, for the demo and benchmarks.
 
-    Looked up, in order: ``cache_dir`` (default ``$AURORA_PET_CACHE`` or ``~/.cache/aurora-pet``), then
-    the weights shipped with the package (``aurora_pet/assets``, made by this function with the default
-    settings); otherwise pre-trained from scratch (a few minutes on 2 CPU cores) with
-    ``aurora_pet.training.train`` (``quiet`` as there) and cached. ``force`` pre-trains again; ``epochs``
-    overrides the number of pre-training epochs (another cache entry). Entries are keyed by a hash of every
-    setting."""
-    if arch != ARCH:
-        raise ValueError(f"pretrained_tiny_blip supports {ARCH!r} only, got {arch!r}")
-    pretrain = pretrain_settings(epochs)
-    name = f"tiny-{arch}-{_settings_hash(arch, pretrain)}"
+    Looked up, in order: ``cache_dir``, then the weights shipped with the package (``aurora_pet/assets``,
+    made by this function with the default settings); otherwise pre-trained in full from a random
+    initialisation through the family's recipe runner (``aurora_pet.training.train`` for LAVIS,
+    ``aurora_pet.training.hf_train.train`` for transformers; a few minutes on one CPU core) and cached.
+    Entries are keyed by a hash of every setting (``tiny-<arch>-<hash>``): other settings never load a
+    stale model.
+
+    Parameters
+    ----------
+    arch : str
+        ``blip_retrieval`` (LAVIS, the default) or ``hf_blip_retrieval`` (transformers 5).
+    cache_dir : str, Path or None
+        The cache (default: ``default_cache_dir()``).
+    force : bool
+        Pre-train again even if an entry exists.
+    epochs : int or None
+        Pre-training epochs instead of the default (another entry).
+    quiet : bool
+        Passed to the runner's ``train`` (no parameter table or summary).
+
+    Returns
+    -------
+    PretrainedTiny
+        The entry; ``source`` says whether it was shipped, cached or trained now.
+    """
+    family = _family(arch)
+    pretrain = pretrain_settings(epochs, arch)
+    name = f"tiny-{arch}-{_settings_hash(arch, family.model, pretrain)}"
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     if not force:
         found = _load_entry(arch, cache, name, "cache") or _load_entry(arch, ASSETS, name, "shipped")
         if found is not None:
             return found
-    from ..training.trainer import train
-
     start = time.time()
     cache.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=".pretrain-", dir=cache))
     try:
-        written = write_demo_data(work / "data", "source", **pretrain["data"])
-        init = _initial_checkpoint(arch, work / "init.safetensors", pretrain)
-        recipe = demo_recipe(written, work / "run", pretrained=PretrainedTiny(arch, init, dict(TINY_MODEL)),
-                             aurora=None, run=pretrain["run"])
-        result = train(write_recipe(work / "pretrain.yaml", recipe), quiet=quiet)
-        metrics = {k: v for k, v in (result.final or {}).items() if k != "epoch"}
+        model, metrics = family.train(arch, work, pretrain, quiet)
         seconds = time.time() - start
-        _save_full(result.model, work / f"{name}.safetensors")
+        _save_full(model, work / f"{name}.safetensors")
         (work / f"{name}.json").write_text(json.dumps(
-            {"arch": arch, "model": TINY_MODEL, "pretrain": pretrain, "metrics": metrics, "seconds": seconds},
+            {"arch": arch, "model": family.model, "pretrain": pretrain, "metrics": metrics, "seconds": seconds},
             indent=2) + "\n")
         for suffix in (".safetensors", ".json"):  # weights first: an entry counts once its .json exists
             os.replace(work / f"{name}{suffix}", cache / f"{name}{suffix}")
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    return PretrainedTiny(arch, cache / f"{name}.safetensors", dict(TINY_MODEL), metrics, seconds, "trained")
+    return PretrainedTiny(arch, cache / f"{name}.safetensors", dict(family.model), metrics, seconds, "trained")
+
+
+def _pretrain_lavis(arch: str, work: Path, pretrain: Mapping[str, Any], quiet: bool) -> tuple[nn.Module, dict]:
+    """LAVIS ``BlipRetrieval`` trained in full on the source domain with LAVIS's runner."""
+    from ..training.trainer import train
+
+    written = write_demo_data(work / "data", "source", **pretrain["data"])
+    init = _initial_checkpoint(arch, work / "init.safetensors", pretrain)
+    recipe = demo_recipe(written, work / "run", pretrained=PretrainedTiny(arch, init, dict(TINY_MODEL)),
+                         aurora=None, run=pretrain["run"])
+    result = train(write_recipe(work / "pretrain.yaml", recipe), quiet=quiet)
+    return result.model, {k: v for k, v in (result.final or {}).items() if k != "epoch"}
+
+
+def _pretrain_hf(arch: str, work: Path, pretrain: Mapping[str, Any], quiet: bool) -> tuple[nn.Module, dict]:
+    """transformers' ``BlipForImageTextRetrieval`` trained in full on the source domain with the hf recipe
+    runner (a ``family: hf`` recipe without ``aurora:``), from ``build_blip`` drawn with the entry's seed."""
+    from ..families.hf.build import build_blip
+    from ..training.hf_train import train
+
+    written = write_demo_data(work / "data", "source", **pretrain["data"])
+    init = _save_hf_directory(build_blip("retrieval", seed=int(pretrain["init_seed"]), **HF_TINY_MODEL),
+                              work / "init")
+    recipe = hf_demo_recipe(written, work / "run", pretrained_dir=init, aurora=None, run=pretrain["run"],
+                            model=pretrain["recipe_model"])
+    result = train(write_recipe(work / "pretrain.yaml", recipe), quiet=quiet)
+    return result.model, {k: v for k, v in (result.final or {}).items() if k not in ("epoch", "best_epoch")}
+
+
+def _save_hf_directory(model: nn.Module, directory: Path) -> Path:
+    """``model`` and its tiny ``BlipProcessor`` written by ``save_pretrained`` (what ``model.pretrained`` is)."""
+    from ..families.hf.build import blip_processor
+
+    directory.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(directory)
+    blip_processor(int(model.config.vision_config.image_size)).save_pretrained(directory)
+    return directory
 
 
 def ship(pretrained: PretrainedTiny, assets: Path = ASSETS) -> Path:
-    """Copy a pre-trained entry into the package's assets (what the maintainers ship)."""
+    """Copy a pre-trained entry into the package's assets (what the maintainers ship).
+
+    Parameters
+    ----------
+    pretrained : PretrainedTiny
+        An entry made by ``pretrained_tiny_blip`` (its ``.safetensors`` and ``.json``).
+    assets : Path
+        The destination (default: ``aurora_pet/assets``).
+
+    Returns
+    -------
+    Path
+        The shipped ``.safetensors`` file.
+    """
     assets.mkdir(parents=True, exist_ok=True)
     stem = pretrained.checkpoint.stem
     shutil.copy2(pretrained.checkpoint, assets / f"{stem}.safetensors")
@@ -123,8 +269,9 @@ def ship(pretrained: PretrainedTiny, assets: Path = ASSETS) -> Path:
     return assets / f"{stem}.safetensors"
 
 
-def _settings_hash(arch: str, pretrain: Mapping[str, Any]) -> str:
-    payload = json.dumps({"arch": arch, "model": TINY_MODEL, "pretrain": pretrain}, sort_keys=True)
+def _settings_hash(arch: str, model: Mapping[str, Any], pretrain: Mapping[str, Any]) -> str:
+    """The entry's key. The payload's form is what names the shipped LAVIS asset: keep it."""
+    payload = json.dumps({"arch": arch, "model": model, "pretrain": pretrain}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:12]
 
 
