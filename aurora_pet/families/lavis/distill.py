@@ -37,6 +37,7 @@ from lavis.models.blip_models.blip_retrieval import BlipRetrieval
 from lavis.models.blip_models.blip_vqa import BlipVQA
 from torch import nn
 
+from .itc import momentum_itc
 from ...distill import DistillConfig, Stage, itc_distillation, itm_distillation, relation_distillation, \
     token_distillation
 
@@ -112,27 +113,11 @@ class DistillBlipRetrieval(BlipRetrieval):
         text_feat = F.normalize(self.text_proj(text_embeds[:, 0, :]), dim=-1)
 
         # ITC against the momentum features and the queues, with momentum distillation (LAVIS's)
-        idx_all = torch.cat([idx.t(), self.idx_queue.clone().detach()], dim=1)
-        pos_idx = torch.eq(idx, idx_all).float()
-        sim_targets = pos_idx / pos_idx.sum(1, keepdim=True)
         with torch.no_grad():
             self._momentum_update()
             image_embeds_m = self.visual_encoder_m(image)
             image_feat_m = F.normalize(self.vision_proj_m(image_embeds_m[:, 0, :]), dim=-1)
-            image_feat_m_all = torch.cat([image_feat_m.t(), self.image_queue.clone().detach()], dim=1)
-            text_embeds_m = self.text_encoder_m.forward_text(text).last_hidden_state
-            text_feat_m = F.normalize(self.text_proj_m(text_embeds_m[:, 0, :]), dim=-1)
-            text_feat_m_all = torch.cat([text_feat_m.t(), self.text_queue.clone().detach()], dim=1)
-            i2t_targets = alpha * F.softmax(image_feat_m @ text_feat_m_all / self.temp, dim=1) \
-                + (1 - alpha) * sim_targets
-            t2i_targets = alpha * F.softmax(text_feat_m @ image_feat_m_all / self.temp, dim=1) \
-                + (1 - alpha) * sim_targets
-        loss_i2t = -torch.sum(F.log_softmax(image_feat @ text_feat_m_all / self.temp, dim=1) * i2t_targets,
-                              dim=1).mean()
-        loss_t2i = -torch.sum(F.log_softmax(text_feat @ image_feat_m_all / self.temp, dim=1) * t2i_targets,
-                              dim=1).mean()
-        loss_itc = (loss_i2t + loss_t2i) / 2
-        self._dequeue_and_enqueue(image_feat_m, text_feat_m, idx)
+        loss_itc = momentum_itc(self, image_feat, text_feat, image_feat_m, text, idx, alpha)
 
         # ITM on the positives and on hard negatives drawn by ITC similarity (LAVIS's, indices kept)
         encoder_input_ids = text.input_ids.clone()

@@ -46,6 +46,7 @@ from .video_names import NUM_FRAMES, VIDEO_ARCHITECTURES, image_architecture
 from ...video.encode import FrameEmbedding, FrameFeatures, encode_frames
 from . import FAMILY
 from .build import ARCHITECTURES, build_blip, load_checkpoint
+from .itc import momentum_itc
 
 __all__ = ["FRAME_EMBEDDING", "NUM_FRAMES", "VIDEO_ARCHITECTURES", "BlipVideoQA", "BlipVideoRetrieval",
            "build_blip_video", "image_architecture", "video_sim_matrix", "wrap_blip_video"]
@@ -135,25 +136,11 @@ class BlipVideoRetrieval(VideoBlip, BlipRetrieval):
                           idx: torch.Tensor, alpha: float) -> torch.Tensor:
         """BLIP's ITC against the momentum features and the queues, with momentum distillation; the momentum
         encoders are updated first and see the same frames; the queues advance."""
-        idx_all = torch.cat([idx.t(), self.idx_queue.clone().detach()], dim=1)
-        pos_idx = torch.eq(idx, idx_all).float()
-        sim_targets = pos_idx / pos_idx.sum(1, keepdim=True)
         with torch.no_grad():
             self._momentum_update()
             video_pooled_m = encode_frames(self.visual_encoder_m, video).pooled
             video_feat_m = F.normalize(self.vision_proj_m(video_pooled_m), dim=-1)
-            video_feat_m_all = torch.cat([video_feat_m.t(), self.image_queue.clone().detach()], dim=1)
-            text_embeds_m = self.text_encoder_m.forward_text(text).last_hidden_state
-            text_feat_m = F.normalize(self.text_proj_m(text_embeds_m[:, 0, :]), dim=-1)
-            text_feat_m_all = torch.cat([text_feat_m.t(), self.text_queue.clone().detach()], dim=1)
-            v2t_targets = alpha * F.softmax(video_feat_m @ text_feat_m_all / self.temp, dim=1) \
-                + (1 - alpha) * sim_targets
-            t2v_targets = alpha * F.softmax(text_feat_m @ video_feat_m_all / self.temp, dim=1) \
-                + (1 - alpha) * sim_targets
-        loss_v2t = _soft_cross_entropy(video_feat @ text_feat_m_all / self.temp, v2t_targets)
-        loss_t2v = _soft_cross_entropy(text_feat @ video_feat_m_all / self.temp, t2v_targets)
-        self._dequeue_and_enqueue(video_feat_m, text_feat_m, idx)
-        return (loss_v2t + loss_t2v) / 2
+        return momentum_itc(self, video_feat, text_feat, video_feat_m, text, idx, alpha)
 
     def _matching_loss(self, video_embeds: torch.Tensor, text: Any, video_feat: torch.Tensor,
                        text_feat: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -193,10 +180,6 @@ class BlipVideoRetrieval(VideoBlip, BlipRetrieval):
 
 def _same(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
-
-
-def _soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return -torch.sum(F.log_softmax(logits, dim=1) * targets, dim=1).mean()
 
 
 @torch.no_grad()
