@@ -9,9 +9,11 @@
    the default settings ships with the package (``aurora_pet/assets``, 2 MB); other settings are trained
    once and cached, keyed by a hash of every setting.
 3. Evaluation on the shifted test split before adaptation (the Aurora-wrapped model at initialisation is
-   exactly the pre-trained model), Aurora adaptation (cross-attention preset + ITM/projection heads) on
-   the shifted training split, and evaluation after it: LAVIS's retrieval task, R@1/5/10 in both
-   directions with ITM re-ranking.
+   exactly the pre-trained model), Aurora adaptation (the paper's cross-attention preset by default,
+   ``--preset`` for another, + ITM/projection heads) on the shifted training split, and evaluation after
+   it: LAVIS's retrieval task, R@1/5/10 in both directions with ITM re-ranking. The shift is visual, so
+   the ``reference`` preset, which also adapts the ViT, recovers more of full fine-tuning's gain
+   (``bench.learning``); the demo's report says so.
 
 The transformers family (``aurora-pet demo --family hf``, ``make demo-hf``, in ``.venv-hf``) tells the same
 story with ``BlipForImageTextRetrieval`` built from a config: pre-trained in full on the same source data

@@ -61,6 +61,24 @@ def test_demo_recipe_is_a_valid_hf_recipe(tmp_path):
     assert full.aurora is None
 
 
+def test_demo_preset_reaches_the_hf_recipe(tmp_path, monkeypatch):
+    """``--preset`` sets Aurora's targets of the hf recipe (stopped at the first runner call: nothing trains)."""
+    import aurora_pet.training.hf_train as hf_train
+
+    class Stop(Exception):
+        pass
+
+    def stop(recipe, *args, **kwargs):
+        raise Stop(recipe)
+
+    monkeypatch.setattr(hf_train, "train", stop)
+    with pytest.raises(Stop) as stopped:
+        main(["demo", "--family", "hf", "--preset", "reference", "--output-dir", str(tmp_path / "demo"),
+              "--cache-dir", str(tmp_path / "cache")])
+    recipe = load_hf_recipe(stopped.value.args[0])
+    assert recipe.aurora.target_modules == "hf_blip_retrieval/reference"
+
+
 def test_shipped_hf_model_is_loaded_not_retrained(tmp_path, monkeypatch):
     def no_training(*args):
         raise AssertionError("the shipped model was pre-trained again")
@@ -141,6 +159,7 @@ def test_hf_demo_adaptation_beats_the_pretrained_model(tmp_path, monkeypatch):
     assert after["r_mean"] >= before["r_mean"] + MARGIN_R_MEAN, (before, after)
     text = "\n".join(map(str, lines))
     assert "transformers BlipForImageTextRetrieval" in text and "total trainable" in text and "before" in text
+    assert "preset cross-attention" in text
     assert str(result.adapter) in text and str(result.plot) in text and result.plot.is_file()
     assert {p.name for p in result.adapter.iterdir()} <= {"adapter_config.json", "adapter_model.safetensors",
                                                             "checksums.json"}

@@ -79,6 +79,7 @@ def test_demo_adaptation_beats_the_pretrained_model(tmp_path):
     assert after["r_mean"] >= before["r_mean"] + 15.0, (before, after)  # measured: 8.6 -> 35.4
     text = "\n".join(map(str, lines))
     assert "total trainable" in text and "before" in text and str(result.adapter) in text and str(result.plot) in text
+    assert "preset cross-attention" in text and "--preset reference" in text  # says which preset adapts better
     assert (result.adapter / "adapter_model.safetensors").is_file() and result.plot.is_file()
     report = result.parameter_report
     assert report["groups"]["factors"] > 0 and report["trainable"] < report["base"] / 10
@@ -95,6 +96,34 @@ def test_evaluate_model_matches_the_recipe_evaluation(tmp_path):
     recipe = write_recipe(tmp_path / "eval.yaml", demo_recipe(written, tmp_path / "run", pretrained=pretrained,
                                                               run={"k_test": 4}))
     assert evaluate(recipe) == direct
+
+
+@pytest.mark.parametrize("preset", ["reference", "text-attention"])
+def test_demo_preset_reaches_the_recipe(tmp_path, monkeypatch, preset):
+    """``--preset`` changes Aurora's targets in the recipe the demo trains, nothing else (stopped before the
+    evaluation: no training here)."""
+    import aurora_pet.training.evaluate as evaluate_module
+
+    class Stop(Exception):
+        pass
+
+    def stop(recipe, *args, **kwargs):
+        raise Stop(recipe)
+
+    monkeypatch.setattr(evaluate_module, "evaluate", stop)
+    with pytest.raises(Stop) as stopped:
+        main(["demo", "--preset", preset, "--output-dir", str(tmp_path / "demo"), "--cache-dir", str(tmp_path / "c")])
+    recipe = load_recipe(stopped.value.args[0])
+    assert recipe.aurora.target_modules == f"blip_retrieval/{preset}" and recipe.aurora.rank == 64
+
+
+def test_demo_refuses_an_unknown_preset(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exited:
+        main(["demo", "--preset", "everything", "--output-dir", str(tmp_path / "out")])
+    assert exited.value.code == 2 and "--preset: invalid choice: 'everything'" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="unknown preset 'everything'; choose one of cross-attention"):
+        run_demo(tmp_path / "out", preset="everything")
+    assert not list(tmp_path.iterdir())
 
 
 def test_demo_never_deletes_a_directory_it_did_not_write(tmp_path):
