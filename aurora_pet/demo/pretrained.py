@@ -1,8 +1,9 @@
 """The demo's source-domain model: a tiny BLIP pre-trained in full, shipped, cached or trained now.
 
-One machinery for both families, keyed by the architecture: ``blip_retrieval`` (LAVIS ``BlipRetrieval``,
-pre-trained with LAVIS's runner) and ``hf_blip_retrieval`` (transformers' ``BlipForImageTextRetrieval``,
-pre-trained with the hf recipe runner). Entries are a ``<name>.safetensors`` (the full state dict) and a
+One machinery for both families, keyed by the architecture: ``blip_retrieval`` and ``blip_vqa`` (LAVIS
+``BlipRetrieval`` and ``BlipVQA``, pre-trained with LAVIS's runner on source-domain captions and questions)
+and ``hf_blip_retrieval`` (transformers' ``BlipForImageTextRetrieval``, pre-trained with the hf recipe
+runner). Entries are a ``<name>.safetensors`` (the full state dict) and a
 ``<name>.json`` (settings, metrics), named ``tiny-<arch>-<hash of every setting>``, so other settings never
 load a stale model.
 """
@@ -27,7 +28,7 @@ from torch import nn
 from ..model import AuroraModel
 from ..training.data import write_recipe
 from .hf import HF_ARCH, HF_PRETRAIN, HF_TINY_MODEL, hf_demo_recipe
-from .recipe import ARCH, TINY_MODEL, demo_recipe, write_demo_data
+from .recipe import ARCH, TINY_MODEL, VQA_ARCH, VQA_TINY_MODEL, demo_recipe, write_demo_data
 
 # Source-domain pre-training (full fine-tuning from a random initialisation).
 PRETRAIN: dict[str, Any] = {
@@ -35,6 +36,20 @@ PRETRAIN: dict[str, Any] = {
     "run": {"init_lr": 5e-4, "max_epoch": 48, "batch_size_train": 32, "batch_size_eval": 64, "k_test": 8,
             "valid_splits": [], "test_splits": ["test"], "seed": 42, "log_freq": 1000},
     "init_std": 0.2,  # ViT linear weights; see _initial_checkpoint
+    "version": 1,
+}
+# Source-domain VQA pre-training of the tiny BlipVQA (not shipped, 1.5 MB: cached on first use). As real
+# BLIP's VQA model is fine-tuned from pre-trained BLIP, it starts from the source-domain retrieval model's vision
+# and text encoders (``init_from``; the answer decoder is random) and keeps the vision encoder frozen: trained
+# in full from scratch, or with the ViT trainable, the answer decoder first learns the answer priors and
+# the gradient then flattens the image features until every image gives the same answer (measured: 31-35 %
+# source accuracy, the priors, and the ViT's patch features nearly equal across images).
+VQA_PRETRAIN: dict[str, Any] = {
+    "data": {"n_train": 512, "n_val": 32, "n_test": 64, "questions_per_image": 5, "seed": 0},
+    "run": {"init_lr": 1e-3, "max_epoch": 30, "batch_size_train": 32, "batch_size_eval": 64,
+            "valid_splits": [], "test_splits": ["test"], "seed": 42, "log_freq": 1000},
+    "init_from": {"arch": ARCH, "modules": ["visual_encoder", "text_encoder"]},
+    "frozen": ["visual_encoder"],
     "version": 1,
 }
 ASSETS = Path(__file__).parent.parent / "assets"
@@ -54,7 +69,7 @@ def default_cache_dir() -> Path:
 @dataclass
 class PretrainedTiny:
     """A tiny BLIP pre-trained on the source domain: ``checkpoint`` (full state dict, safetensors) and the
-    ``model`` settings that rebuild its architecture (LAVIS: the recipe's ``model:`` section; hf:
+    ``model`` settings that rebuild its ``arch`` (LAVIS: the recipe's ``model:`` section; hf:
     ``families.hf.build.build_blip``'s arguments); ``metrics`` are its source-domain test results; ``source``
     says where it came from: "shipped" (package data), "cache" or "trained" (just now)."""
 
@@ -71,9 +86,9 @@ class PretrainedTiny:
         return _family(self.arch).name
 
     def build(self) -> nn.Module:
-        """The model with these weights (strict loading): LAVIS's ``BlipRetrieval`` or transformers'
-        ``BlipForImageTextRetrieval``, by ``arch``. The random initialisation the checkpoint replaces draws
-        from a forked RNG: the caller's global RNG is left as it was.
+        """The model with these weights (strict loading): LAVIS's ``BlipRetrieval`` or ``BlipVQA``, or
+        transformers' ``BlipForImageTextRetrieval``, by ``arch``. The random initialisation the checkpoint
+        replaces draws from a forked RNG: the caller's global RNG is left as it was.
 
         Returns
         -------
@@ -129,6 +144,7 @@ class _Family:
 
 def _family(arch: str) -> _Family:
     families = {ARCH: _Family("lavis", TINY_MODEL, PRETRAIN, _pretrain_lavis),
+                VQA_ARCH: _Family("lavis", VQA_TINY_MODEL, VQA_PRETRAIN, _pretrain_lavis),
                 HF_ARCH: _Family("hf", HF_TINY_MODEL, HF_PRETRAIN, _pretrain_hf)}
     if arch not in families:
         raise ValueError(f"pretrained_tiny_blip supports {' and '.join(map(repr, families))}, got {arch!r}")
@@ -143,7 +159,8 @@ def pretrain_settings(epochs: int | None = None, arch: str = ARCH) -> dict[str, 
     epochs : int or None
         Pre-training epochs; None keeps the default.
     arch : str
-        ``blip_retrieval`` (``PRETRAIN``) or ``hf_blip_retrieval`` (``HF_PRETRAIN``).
+        ``blip_retrieval`` (``PRETRAIN``), ``blip_vqa`` (``VQA_PRETRAIN``) or ``hf_blip_retrieval``
+        (``HF_PRETRAIN``).
 
     Returns
     -------
@@ -170,7 +187,8 @@ def pretrained_tiny_blip(arch: str = ARCH, cache_dir: str | Path | None = None, 
     Parameters
     ----------
     arch : str
-        ``blip_retrieval`` (LAVIS, the default) or ``hf_blip_retrieval`` (transformers 5).
+        ``blip_retrieval`` (LAVIS, the default), ``blip_vqa`` (LAVIS; not shipped, cached on first use) or
+        ``hf_blip_retrieval`` (transformers 5).
     cache_dir : str, Path or None
         The cache (default: ``default_cache_dir()``).
     force : bool
@@ -211,14 +229,22 @@ def pretrained_tiny_blip(arch: str = ARCH, cache_dir: str | Path | None = None, 
 
 
 def _pretrain_lavis(arch: str, work: Path, pretrain: Mapping[str, Any], quiet: bool) -> tuple[nn.Module, dict]:
-    """LAVIS ``BlipRetrieval`` trained in full on the source domain with LAVIS's runner."""
+    """LAVIS ``BlipRetrieval`` (captions) or ``BlipVQA`` (questions) trained on the source domain with LAVIS's
+    runner: in full, but for the modules that ``pretrain["frozen"]`` names."""
     from ..training.trainer import train
 
-    written = write_demo_data(work / "data", "source", **pretrain["data"])
+    written = write_demo_data(work / "data", "source", arch=arch, **pretrain["data"])
     init = _initial_checkpoint(arch, work / "init.safetensors", pretrain)
-    recipe = demo_recipe(written, work / "run", pretrained=PretrainedTiny(arch, init, dict(TINY_MODEL)),
+    recipe = demo_recipe(written, work / "run", pretrained=PretrainedTiny(arch, init, dict(_family(arch).model)),
                          aurora=None, run=pretrain["run"])
-    result = train(write_recipe(work / "pretrain.yaml", recipe), quiet=quiet)
+    frozen = list(pretrain.get("frozen", []))
+
+    def freeze(model: nn.Module) -> None:
+        for name in frozen:
+            model.get_submodule(name).requires_grad_(False)
+
+    result = train(write_recipe(work / "pretrain.yaml", recipe), quiet=quiet,
+                   prepare_model=freeze if frozen else None)
     return result.model, {k: v for k, v in (result.final or {}).items() if k != "epoch"}
 
 
@@ -284,27 +310,45 @@ def _load_entry(arch: str, directory: Path, name: str, source: str) -> Pretraine
 
 
 def _initial_checkpoint(arch: str, path: Path, pretrain: Mapping[str, Any]) -> Path:
-    """The random initialisation pre-training starts from, as a checkpoint file; drawn from a forked RNG
-    seeded with the run's seed, so it is reproducible and the caller's global RNG is left as it was.
+    """The initialisation pre-training starts from, as a checkpoint file: random, drawn from a forked RNG
+    seeded with the run's seed, so it is reproducible and the caller's global RNG is left as it was; then the
+    modules of ``pretrain["init_from"]`` (if any) copied from that architecture's pre-trained entry.
 
     LAVIS initialises ViT linears with std 0.02, which for a from-scratch 64-wide ViT leaves the class
     token almost independent of the image; contrastive training then collapses to a constant embedding.
-    A larger std (``PRETRAIN["init_std"]``) lets the class token see the image from the first step.
+    A larger std (``PRETRAIN["init_std"]``) lets the class token see the image from the first step. (VQA's
+    pre-training copies its vision encoder from the retrieval model instead: ``VQA_PRETRAIN["init_from"]``.)
     """
+    from lavis.models.base_model import MomentumDistilationMixin
+
     from ..families.lavis.build import ARCHITECTURES, build_blip
 
-    settings = {k: v for k, v in TINY_MODEL.items() if k != "size"}
+    settings = {k: v for k, v in _family(arch).model.items() if k != "size"}
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(pretrain["run"]["seed"]))
         model = build_blip(arch, ARCHITECTURES[arch][0], size="tiny", **settings)
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for module in model.visual_encoder.modules():
-            if isinstance(module, nn.Linear):
-                module.weight.normal_(0.0, pretrain["init_std"], generator=generator)
-    model.copy_params()  # momentum encoders start as copies of the online ones
+    if "init_std" in pretrain:
+        generator = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for module in model.visual_encoder.modules():
+                if isinstance(module, nn.Linear):
+                    module.weight.normal_(0.0, pretrain["init_std"], generator=generator)
+    if "init_from" in pretrain:
+        source = pretrained_tiny_blip(pretrain["init_from"]["arch"]).build()
+        _copy_from(model, source, pretrain["init_from"]["modules"])
+    if isinstance(model, MomentumDistilationMixin):  # retrieval: momentum encoders start as online copies
+        model.copy_params()
     _save_full(model, path)
     return path
+
+
+def _copy_from(model: nn.Module, source: nn.Module, modules: list[str]) -> None:
+    """Every tensor of `model`'s `modules` from the same names in `source` (shapes must agree)."""
+    theirs = source.state_dict()
+    state = {name: theirs[name] for name in model.state_dict() if name.split(".")[0] in modules}
+    if not state or any(theirs[name].shape != model.state_dict()[name].shape for name in state):
+        raise ValueError(f"{type(source).__name__} has no tensors of {modules} that fit {type(model).__name__}")
+    model.load_state_dict(state, strict=False)
 
 
 def _save_full(model: nn.Module, path: Path) -> None:

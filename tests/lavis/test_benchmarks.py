@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -157,6 +158,72 @@ def test_learning_distillation_specs_bring_their_teacher():
     assert list(learning.extensions(chosen[1].grid, [{"lr": 0.016, "val_best": 1.0}], 2)) == []
 
 
+def test_learning_vqa_plan_compares_aurora_with_matched_peers_on_blip_vqa():
+    """VQA: no heads (BlipVQA has none), Aurora R=64 on the three blip_vqa presets, LoRA r=1 and r=8 and VeRA of
+    Aurora's count on the best preset's targets, full fine-tuning, Aurora distilled with VQA's terms."""
+    from aurora_pet.distill import DistillConfig
+    from aurora_pet.families.lavis.distill import TASK_PARTS
+
+    vqa, rank = learning.VQA, DEMO_AURORA["rank"]
+    specs = learning.plan(quick=False, task=vqa)
+    assert [s.kind for s in specs] == ["aurora", "full", "aurora", "aurora", "lora", "lora", "vera", "aurora"]
+    aurora = [s for s in specs if s.kind == "aurora" and s.distill is None]
+    assert [s.options.get("preset", "cross-attention") for s in aurora] == ["cross-attention", "reference",
+                                                                             "text-attention"]
+    assert all(s.options["rank"] == rank for s in aurora)
+    peers = [s for s in specs if s.group == "peers"]
+    assert [(s.kind, s.options["preset"]) for s in peers] == [("lora", learning.BEST_PRESET)] * 2 + [
+        ("vera", learning.BEST_PRESET)]
+    assert sorted(s.options["rank"] for s in peers if s.kind == "lora") == [1, 8]
+    # VeRA's count Σ (rank + d_out) over the targets is Aurora's count within half a rank step
+    model = learning._tiny_model(vqa.arch)
+    online, twins = H.lora_targets(model, learning.BEST_PRESET)
+    assert online and not twins  # BlipVQA has no momentum encoders
+    modules = dict(model.named_modules())
+    vera = next(s for s in peers if s.kind == "vera")
+    count = sum(vera.options["rank"] + modules[name].out_features for name in online)
+    assert abs(count - learning.aurora_adapter_count(learning.BEST_PRESET, rank, arch=vqa.arch)) <= len(online) / 2
+    (distilled,) = [s for s in specs if s.distill is not None]
+    config = DistillConfig.from_mapping(distilled.distill)
+    assert {part for part, weight in config.weights().items() if weight > 0} >= set(TASK_PARTS[vqa.arch])
+    assert distilled.distill == vqa.distill and "itc_weight" not in distilled.distill
+    quick = learning.plan(quick=True, task=vqa)
+    assert [s.kind for s in quick] == ["aurora", "lora", "vera", "full", "aurora"] and quick[-1].distill
+    assert learning.plan(quick=False)[0].kind == "heads"  # retrieval keeps its heads-only row
+
+
+def test_learning_tasks_extract_their_metric_and_keep_retrievals_identity():
+    """Each task reads its own validation curve and test metric from the runner's rows; retrieval's settings
+    identity is the one its result files hold (no task), VQA's names the task, so the two never mix."""
+    history = [{"epoch": 0, "train_loss": 2.0, "train_lr": 1e-3, "val_r_mean": 40.0, "val_txt_r1": 30.0,
+                "val_img_r1": 20.0, "val_agg_metrics": 55.0, "val_other": 50.0, "val_number": 60.0,
+                "val_yes/no": 70.0, "val_best_epoch": 0.0}]
+    final = {"epoch": "best", "best_epoch": 0, "test_r_mean": 41.0, "test_txt_r1": 32.0, "test_img_r1": 22.0,
+             "test_agg_metrics": 56.0, "test_yes/no": 71.0}
+    curves, metrics = learning.RETRIEVAL.extract(history, final)
+    assert curves == [{"epoch": 0, "train_loss": 2.0, "val_r_mean": 40.0, "val_txt_r1": 30.0, "val_img_r1": 20.0}]
+    assert metrics["r_mean"] == 41.0 and metrics["r1_mean"] == 27.0
+    curves, metrics = learning.VQA.extract(history, final)
+    assert curves == [{"epoch": 0, "train_loss": 2.0, "val_agg_metrics": 55.0, "val_other": 50.0,
+                       "val_number": 60.0, "val_yes/no": 70.0}]
+    assert metrics[learning.VQA.metric] == 56.0 and metrics["yes/no"] == 71.0 and "r1_mean" not in metrics
+    assert learning.VQA.extract([{"epoch": 0}], None)[0][0]["val_agg_metrics"] != 0.0  # NaN when absent
+    retrieval = learning.Settings.make(quick=False).identity()
+    assert set(retrieval) == {"epochs", "n_train", "n_val", "n_test", "batch", "k_test", "data_seed"}
+    vqa = learning.Settings.make(quick=False, task="vqa").identity()
+    assert vqa == {**retrieval, "task": "vqa", "data": {"questions_per_image": learning.VQA_QUESTIONS}}
+    assert learning.stem(learning.VQA, True) == "learning_vqa_quick" and learning.stem(learning.RETRIEVAL, False) \
+        == "learning"
+    from lavis.tasks.retrieval import RetrievalTask
+
+    original = RetrievalTask.__dict__["_report_metrics"]
+    with learning.lavis_for_selection(learning.VQA):
+        assert RetrievalTask.__dict__["_report_metrics"] is original  # VQA's agg_metrics is its accuracy already
+    with learning.lavis_for_selection(learning.RETRIEVAL):
+        assert RetrievalTask.__dict__["_report_metrics"] is not original
+    assert RetrievalTask.__dict__["_report_metrics"] is original
+
+
 def test_learning_distillation_is_taught_by_the_chosen_full_finetuning_run(tmp_path, monkeypatch):
     """No training: the teacher is full fine-tuning's chosen-rate, first-seed run; its checkpoint is kept when it
     trains, the distillation runs get it and name it in their key, and a run reused from the cache without its
@@ -269,18 +336,25 @@ def test_learning_protocol_chooses_on_validation_and_reports_shares_of_full_fine
 
 
 @pytest.mark.slow
-def test_learning_quick_runs_the_whole_protocol_consistently(tmp_path):
-    """About 4 minutes: --quick is the full protocol (sweep on validation, seeds, shares, curves, plot) on a
-    tiny setting, distillation from the run's own full fine-tuning included; its outputs must agree with each
-    other and with the protocol's definitions."""
-    _run("learning", "--quick", "--out", str(tmp_path), "--teachers", str(tmp_path / "teachers"), timeout=1800)
-    results = json.loads((tmp_path / "learning_quick.json").read_text())
+@pytest.mark.parametrize("task", ["retrieval", "vqa"])
+def test_learning_quick_runs_the_whole_protocol_consistently(tmp_path, task):
+    """About 4 minutes (VQA: 1.5, once its pre-trained model is cached; 4 more to make it): --quick is the full
+    protocol (sweep on validation, seeds, shares, curves, plot) on a tiny setting, distillation from the run's
+    own full fine-tuning included; its outputs must agree with each other and with the protocol's definitions."""
+    task = learning.TASKS[task]
+    metric = task.metric
+    _run("learning", "--quick", "--task", task.name, "--out", str(tmp_path), "--teachers", str(tmp_path / "teachers"),
+         timeout=1800)
+    name = learning.stem(task, quick=True)
+    results = json.loads((tmp_path / f"{name}.json").read_text())
     settings = results["settings"]
-    assert len(settings["seeds"]) >= 3
-    before_val, before_test = results["before"]["val"]["r_mean"], results["before"]["test"]["r_mean"]
+    assert len(settings["seeds"]) >= 3 and settings["task"] == task.name
+    before_val, before_test = results["before"]["val"][metric], results["before"]["test"][metric]
     rows = results["rows"]
-    assert [row["method"] for row in rows] == [s.name for s in learning.plan(quick=True)]
+    assert [row["method"] for row in rows] == [s.name for s in learning.plan(quick=True, task=task)]
     full = next(row for row in rows if row["kind"] == "full")
+    assert full["share"] == 1.0
+    assert all(0.0 <= value <= 100.0 for row in rows for value in (*row[f"test_{metric}"], row["mean"]))
     for row in rows:
         grid = settings["lr_grids"][row["method"]]
         assert len(grid) >= 3 and len({round(b / a, 6) for a, b in zip(grid, grid[1:])}) == 1  # log-spaced
@@ -290,10 +364,10 @@ def test_learning_quick_runs_the_whole_protocol_consistently(tmp_path):
         assert row["lr"] == max(sweep, key=lambda lr: sweep[lr]["val_best"])  # chosen on validation
         for run in runs:
             assert len(run["history"]) == settings["epochs"] and run["trainable"] == row["trainable"] > 0
-            assert run["val_best"] == max(h["val_r_mean"] for h in run["history"])
+            assert run["val_best"] == max(h[f"val_{metric}"] for h in run["history"])
         chosen = sorted((r for r in runs if r["lr"] == row["lr"]), key=lambda r: r["seed"])
         assert [r["seed"] for r in chosen] == row["seeds"] == settings["seeds"]
-        assert row["mean"] == pytest.approx(sum(r["metrics"]["r_mean"] for r in chosen) / len(chosen))
+        assert row["mean"] == pytest.approx(sum(r["metrics"][metric] for r in chosen) / len(chosen))
         assert row["share"] == pytest.approx((row["mean"] - before_test) / (full["mean"] - before_test))
         assert [s["diverged"] for s in row["sweep"]] == [sweep[lr]["val_last"] < before_val for lr in sorted(sweep)]
     # distillation: the teacher is the full fine-tuning run of this JSON at its chosen rate and first seed
@@ -303,13 +377,15 @@ def test_learning_quick_runs_the_whole_protocol_consistently(tmp_path):
         "method": full["method"], "kind": "full", "lr": full["lr"], "seed": settings["seeds"][0]} for row in distilled)
     made = next(r for r in results["runs"] if r["method"] == full["method"] and r["lr"] == full["lr"]
                 and r["seed"] == settings["seeds"][0])
-    assert teacher["lr"] == full["lr"] and teacher["test_r_mean"] == made["metrics"]["r_mean"]
+    assert teacher["lr"] == full["lr"] and teacher[f"test_{metric}"] == made["metrics"][metric]
     assert teacher["best_epoch"] == made["best_epoch"] and (tmp_path / "teachers" / teacher["checkpoint"]).is_file()
-    curves = (tmp_path / "learning_quick_curves.csv").read_text().splitlines()
+    curves = (tmp_path / f"{name}_curves.csv").read_text().splitlines()
     assert len(curves) == 1 + sum(len(r["history"]) for r in results["runs"])
-    report = (tmp_path / "learning_quick.md").read_text()
+    assert curves[0].endswith(",".join(f"val_{key}" for key in task.curves))
+    report = (tmp_path / f"{name}.md").read_text()
     assert all(row["method"] in report for row in rows) and "share of full FT's gain" in report
-    assert (tmp_path / "learning_quick_accuracy_vs_params.png").stat().st_size > 0
+    assert f"test {task.label}" in report
+    assert (tmp_path / f"{name}_accuracy_vs_params.png").stat().st_size > 0
 
 
 # -- the cost benchmark's GPU path (issue 13): its device-independent parts, on the CPU ---------------
@@ -440,3 +516,22 @@ def test_learning_report_merges_result_files_and_shows_unfinished_protocols(tmp_
     other.write_text(json.dumps({"settings": {**settings, "identity": {"epochs": 2}}, "before": before, "runs": []}))
     with pytest.raises(SystemExit, match="other settings"):
         learning.main(["--report", str(paths[0]), str(other), "--out", str(tmp_path / "out")])
+
+
+def test_report_finds_distillation_runs_by_their_key_without_the_teacher():
+    """A stored distillation run's key names its teacher, the plan's spec does not: ``--report`` matches them
+    and takes the teacher from the stored key; runs of one spec from two teachers are refused."""
+    specs = learning.plan(quick=False)
+    distilled = next(s for s in specs if s.distill is not None and s.kind == "aurora")
+    plain = next(s for s in specs if s.kind == "full")
+    teacher = {"method": "full fine-tuning", "kind": "full", "lr": 0.002, "seed": 0}
+    stored = replace(distilled, options={**distilled.options,
+                                                  "distill": {**distilled.distill, "teacher": teacher}})
+    found = learning._stored_specs(specs, {stored.key, plain.key})
+    assert [s.name for s in found] == [plain.name, distilled.name]
+    assert found[1].key == stored.key and found[1].distill["teacher"] == teacher
+    assert distilled.distill.get("teacher") is None  # the plan's spec is left as it was
+    other = replace(distilled, options={**distilled.options,
+                                                 "distill": {**distilled.distill, "teacher": {**teacher, "lr": 1}}})
+    with pytest.raises(SystemExit, match="different teachers"):
+        learning._stored_specs(specs, {stored.key, other.key})

@@ -70,6 +70,27 @@ def test_pretraining_is_reproducible_from_the_function(tmp_path):
 
 
 @pytest.mark.slow
+def test_vqa_pretraining_is_cached_by_its_settings_hash(tmp_path):
+    """The tiny BlipVQA pre-trains on source-domain questions through the same machinery (1 epoch here: about
+    15 s) into an entry named by the hash of its settings; the shipped retrieval model keeps its name."""
+    from aurora_pet.demo.pretrained import VQA_PRETRAIN, _settings_hash, pretrain_settings
+    from aurora_pet.demo.recipe import VQA_TINY_MODEL
+
+    settings = pretrain_settings(1, "blip_vqa")
+    first = pretrained_tiny_blip("blip_vqa", cache_dir=tmp_path, epochs=1)
+    assert first.source == "trained" and first.checkpoint.parent == tmp_path
+    assert first.checkpoint.stem == f"tiny-blip_vqa-{_settings_hash('blip_vqa', VQA_TINY_MODEL, settings)}"
+    assert 0 <= first.metrics["test_agg_metrics"] <= 100
+    meta = json.loads(first.checkpoint.with_suffix(".json").read_text())
+    assert meta["pretrain"] == settings != VQA_PRETRAIN and meta["model"] == VQA_TINY_MODEL
+    again = pretrained_tiny_blip("blip_vqa", cache_dir=tmp_path, epochs=1)
+    assert again.source == "cache" and again.checkpoint == first.checkpoint
+    assert type(again.build()).__name__ == "BlipVQA"
+    retrieval = pretrained_tiny_blip("blip_retrieval", cache_dir=tmp_path)
+    assert retrieval.source == "shipped" and retrieval.checkpoint.stem == "tiny-blip_retrieval-87480acffb0b"
+
+
+@pytest.mark.slow
 def test_demo_adaptation_beats_the_pretrained_model(tmp_path):
     lines = []
     result = run_demo(tmp_path / "demo", tmp_path / "cache", print_fn=lines.append)
