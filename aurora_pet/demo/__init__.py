@@ -24,7 +24,8 @@ preset.
 
 Modules, also used by the benchmarks: ``recipe`` (the settings, the generated data and the recipe that
 trains on it), ``hf`` (the same for the transformers family) and ``pretrained`` (the source-domain model of
-either family: shipped, cached or pre-trained now). Evaluation is ``aurora_pet.training.evaluate`` (LAVIS)
+either family: shipped, cached or pre-trained now; also the tiny ``BlipVQA`` of ``bench.learning --task vqa``,
+pre-trained on source-domain questions from the retrieval model's encoders). Evaluation is ``aurora_pet.training.evaluate`` (LAVIS)
 or an hf recipe run with ``run.evaluate``; ``aurora-pet demo`` (``aurora_pet.cli.demo``) runs the steps and
 prints them.
 """

@@ -38,7 +38,7 @@ PRETRAIN: dict[str, Any] = {
     "init_std": 0.2,  # ViT linear weights; see _initial_checkpoint
     "version": 1,
 }
-# Source-domain VQA pre-training of the tiny BlipVQA (not shipped, 1.5 MB: cached on first use). As real
+# Source-domain VQA pre-training of the tiny BlipVQA (shipped, 1.5 MB; about 4 minutes on one core). As real
 # BLIP's VQA model is fine-tuned from pre-trained BLIP, it starts from the source-domain retrieval model's vision
 # and text encoders (``init_from``; the answer decoder is random) and keeps the vision encoder frozen: trained
 # in full from scratch, or with the ViT trainable, the answer decoder first learns the answer priors and
@@ -187,7 +187,7 @@ def pretrained_tiny_blip(arch: str = ARCH, cache_dir: str | Path | None = None, 
     Parameters
     ----------
     arch : str
-        ``blip_retrieval`` (LAVIS, the default), ``blip_vqa`` (LAVIS; not shipped, cached on first use) or
+        ``blip_retrieval`` (LAVIS, the default), ``blip_vqa`` (LAVIS) or
         ``hf_blip_retrieval`` (transformers 5).
     cache_dir : str, Path or None
         The cache (default: ``default_cache_dir()``).
