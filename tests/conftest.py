@@ -24,3 +24,21 @@ def require_family(name: str, module: str, minversion: str | None = None) -> Non
             raise RuntimeError(f"the {name} tests need {module}>={minversion}, found {version}")
         return
     pytest.importorskip(module, minversion=minversion, reason=f"the {name} family's environment is not active")
+
+
+class Stopped(Exception):
+    """Raised in place of a function replaced by the `stop_at` fixture; ``args`` are what it was called with."""
+
+
+@pytest.fixture
+def stop_at(monkeypatch):
+    """``stop_at(module, name)``: calling ``module.name`` raises `Stopped` with its arguments — a command runs
+    up to that call (say, the runner) and the test reads what it was about to do, without training."""
+    def install(module, name: str) -> type[Stopped]:
+        def stop(*args, **kwargs):
+            raise Stopped(*args)
+
+        monkeypatch.setattr(module, name, stop)
+        return Stopped
+
+    return install

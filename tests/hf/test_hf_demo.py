@@ -61,21 +61,15 @@ def test_demo_recipe_is_a_valid_hf_recipe(tmp_path):
     assert full.aurora is None
 
 
-def test_demo_preset_reaches_the_hf_recipe(tmp_path, monkeypatch):
+def test_demo_preset_reaches_the_hf_recipe(tmp_path, stop_at):
     """``--preset`` sets Aurora's targets of the hf recipe (stopped at the first runner call: nothing trains)."""
     import aurora_pet.training.hf_train as hf_train
 
-    class Stop(Exception):
-        pass
-
-    def stop(recipe, *args, **kwargs):
-        raise Stop(recipe)
-
-    monkeypatch.setattr(hf_train, "train", stop)
-    with pytest.raises(Stop) as stopped:
+    stopped = stop_at(hf_train, "train")
+    with pytest.raises(stopped) as raised:
         main(["demo", "--family", "hf", "--preset", "reference", "--output-dir", str(tmp_path / "demo"),
               "--cache-dir", str(tmp_path / "cache")])
-    recipe = load_hf_recipe(stopped.value.args[0])
+    recipe = load_hf_recipe(raised.value.args[0])
     assert recipe.aurora.target_modules == "hf_blip_retrieval/reference"
 
 

@@ -134,21 +134,15 @@ def test_evaluate_model_matches_the_recipe_evaluation(tmp_path):
 
 
 @pytest.mark.parametrize("preset", ["reference", "text-attention"])
-def test_demo_preset_reaches_the_recipe(tmp_path, monkeypatch, preset):
+def test_demo_preset_reaches_the_recipe(tmp_path, stop_at, preset):
     """``--preset`` changes Aurora's targets in the recipe the demo trains, nothing else (stopped before the
     evaluation: no training here)."""
     import aurora_pet.training.evaluate as evaluate_module
 
-    class Stop(Exception):
-        pass
-
-    def stop(recipe, *args, **kwargs):
-        raise Stop(recipe)
-
-    monkeypatch.setattr(evaluate_module, "evaluate", stop)
-    with pytest.raises(Stop) as stopped:
+    stopped = stop_at(evaluate_module, "evaluate")
+    with pytest.raises(stopped) as raised:
         main(["demo", "--preset", preset, "--output-dir", str(tmp_path / "demo"), "--cache-dir", str(tmp_path / "c")])
-    recipe = load_recipe(stopped.value.args[0])
+    recipe = load_recipe(raised.value.args[0])
     assert recipe.aurora.target_modules == f"blip_retrieval/{preset}" and recipe.aurora.rank == 64
 
 
